@@ -1,0 +1,37 @@
+//! # genlab: learn generative models by running them
+//!
+//! The helper crate of the genlab notebooks (evcxr, the Rust Jupyter kernel). Each module holds
+//! one idea and reads top-down like a chapter; a notebook starts with
+//! `use genlab::prelude::*;`.
+//!
+//! | module | chapter | what it holds |
+//! | --- | --- | --- |
+//! | [`bayes`] | 1, `01_bayes` | prior, likelihood, posterior, evidence, predictive |
+//! | [`plot`] | all | the one [`plot::Figure`] type: inline display, PNG and SVG export |
+//! | [`data`] | all | the 8×8 digits and their split, seeded toy sets, minibatches |
+//! | [`train`] | model chapters | a model + Adam + history that trains correctly across cells |
+//! | [`math`] | all | log-gamma, densities, quadrature |
+//!
+//! Nothing a learner can influence panics: every fallible call returns [`Result`] with an
+//! [`Error`] that names the bad value and the fix, because in evcxr a panic loses the kernel's
+//! state.
+
+pub mod bayes;
+pub mod data;
+pub mod error;
+pub mod math;
+pub mod plot;
+pub mod train;
+
+pub use dfdx;
+pub use error::{Error, Result};
+
+/// Everything a notebook needs, in one `use genlab::prelude::*;`.
+pub mod prelude {
+    pub use crate::bayes::{self, Beta, NormalNormal};
+    pub use crate::data::{self, Batches, Digits, Images, Points, Scale};
+    pub use crate::error::{Error, Result};
+    pub use crate::math::{linspace, ln_beta, ln_gamma, logsumexp, normal_pdf, simpson, trapezoid};
+    pub use crate::plot::{Figure, Png};
+    pub use crate::train::{self, AdamSettings, Trainer};
+}

@@ -1,0 +1,379 @@
+//! Training that survives notebook cells: a model, its Adam state and its history, in one
+//! [`Trainer`] that a learner can train for N steps in one cell and M more in the next, with
+//! the same result as N + M steps in one cell.
+//!
+//! The update is Adam (Kingma & Ba): with gradient g at step t,
+//! m ← β₁ m + (1 − β₁) g,  v ← β₂ v + (1 − β₂) g²,
+//! θ ← θ − lr · m̂ / (√v̂ + ε),  m̂ = m / (1 − β₁ᵗ),  v̂ = v / (1 − β₂ᵗ).
+//!
+//! # Why this module exists: one id counter per cell
+//!
+//! dfdx gives every tensor an id from a global counter and keys gradients (and Adam's moments)
+//! by those ids. evcxr links a fresh copy of dfdx into every cell, so each cell's counter starts
+//! again from zero: a model built in one cell and trained in the next meets new tensors whose
+//! ids collide with its own parameters' ids, and gradients land on the wrong tensors (a panic
+//! in dfdx's backward pass, or, where shapes happen to match, silently wrong training).
+//!
+//! [`Trainer::step`] therefore first moves this cell's counter past every parameter id of the
+//! model ([`Trainer::watermark`]), so the tensors a step creates never collide with the ones
+//! that live across cells. Create the tensors a step uses inside the step's closure (from plain
+//! `Vec`s or slices): a tensor created earlier in a later cell may carry a colliding id.
+
+use crate::error::{Error, Result};
+use dfdx::nn::tensor_collection::{
+    RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorRef,
+};
+use dfdx::nn::ZeroGrads;
+use dfdx::optim::{Adam, Optimizer, OptimizerUpdateError, UnusedTensors};
+use dfdx::prelude::*;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+/// The device every chapter trains on.
+pub type Dev = Cpu;
+/// The tape a training step records on.
+pub type Tape = OwnedTape<f32, Dev>;
+/// A scalar loss recorded on a tape, what a step's closure returns.
+pub type Loss = Tensor<Rank0, f32, Dev, Tape>;
+
+/// Adam's settings (learning rate, β₁, β₂, ε), with PyTorch's defaults.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct AdamSettings {
+    /// Learning rate (step size), 1e-3 by default.
+    pub lr: f64,
+    /// Decay of the first moment, 0.9 by default.
+    pub beta1: f64,
+    /// Decay of the second moment, 0.999 by default.
+    pub beta2: f64,
+    /// Added to √v̂ to avoid division by zero, 1e-8 by default.
+    pub eps: f64,
+}
+
+impl Default for AdamSettings {
+    fn default() -> Self {
+        AdamSettings {
+            lr: 1e-3,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
+    }
+}
+
+impl AdamSettings {
+    /// The settings, or an error naming the first one outside its range.
+    pub fn validate(&self) -> Result<()> {
+        crate::error::ensure(
+            self.lr > 0.0 && self.lr.is_finite(),
+            "lr",
+            self.lr,
+            "the learning rate must be positive; 1e-3 is a good start for Adam",
+        )?;
+        for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
+            crate::error::ensure(
+                (0.0..1.0).contains(&beta),
+                name,
+                beta,
+                "Adam's betas lie in [0, 1), e.g. 0.9 and 0.999",
+            )?;
+        }
+        crate::error::ensure(self.eps > 0.0, "eps", self.eps, "use a small positive ε, e.g. 1e-8")
+    }
+
+    fn to_dfdx(self) -> AdamConfig {
+        AdamConfig {
+            lr: self.lr,
+            betas: [self.beta1, self.beta2],
+            eps: self.eps,
+            weight_decay: None,
+        }
+    }
+}
+
+/// What a step's closure gets besides the model: the device (to make tensors) and the
+/// trainer's own random generator (for minibatches and noise), both carried across cells.
+pub struct StepContext<'a> {
+    /// The device to create tensors on.
+    pub dev: &'a Dev,
+    /// The trainer's generator: the same seed gives the same sequence, across cells too.
+    pub rng: &'a mut StdRng,
+    /// The number of steps taken before this one.
+    pub step: usize,
+}
+
+/// A dfdx model with its Adam state, gradients, generator and loss history.
+///
+/// The model is any dfdx module built on [`Dev`] (a tuple of `Linear` layers and activations,
+/// or a struct deriving the traits). Introduced in chapter 1's test notebook and used by every
+/// model chapter.
+pub struct Trainer<M: TensorCollection<f32, Dev>> {
+    /// The model being trained; use it freely for inference in any cell.
+    pub model: M,
+    opt: Adam<M, f32, Dev>,
+    grads: Option<Gradients<f32, Dev>>,
+    dev: Dev,
+    rng: StdRng,
+    watermark: UniqueId,
+    /// The loss after each step, in order (the training curve).
+    pub losses: Vec<f32>,
+}
+
+impl<M: TensorCollection<f32, Dev>> Trainer<M> {
+    /// Builds a model of architecture `Arch` (a dfdx builder type such as
+    /// `(Linear<1, 32>, Tanh, Linear<32, 1>)`) with parameters drawn from `seed`, and a trainer
+    /// for it: `Trainer::build::<Arch>(AdamSettings::default(), 0)?`.
+    pub fn build<Arch>(adam: AdamSettings, seed: u64) -> Result<Self>
+    where
+        Arch: BuildOnDevice<Dev, f32, Built = M>,
+    {
+        adam.validate()?;
+        let dev = Dev::seed_from_u64(seed);
+        let model = dev.try_build_module::<Arch, f32>().map_err(dfdx_err)?;
+        Self::with_device(model, dev, adam, seed)
+    }
+
+    /// A trainer for a model already built on `dev`.
+    pub fn with_device(model: M, dev: Dev, adam: AdamSettings, seed: u64) -> Result<Self> {
+        adam.validate()?;
+        let watermark = max_param_id(&model)?;
+        Ok(Trainer {
+            opt: Adam::new(&model, adam.to_dfdx()),
+            model,
+            grads: None,
+            dev,
+            rng: StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+            watermark,
+            losses: vec![],
+        })
+    }
+
+    /// Adam's learning rate.
+    pub fn lr(&self) -> f64 {
+        self.opt.cfg.lr
+    }
+
+    /// Changes the learning rate between steps (a schedule, or a learner's second thought).
+    pub fn set_lr(&mut self, lr: f64) -> Result<()> {
+        AdamSettings {
+            lr,
+            ..AdamSettings::default()
+        }
+        .validate()?;
+        self.opt.cfg.lr = lr;
+        Ok(())
+    }
+
+    /// The number of optimiser steps taken so far.
+    pub fn steps(&self) -> usize {
+        self.losses.len()
+    }
+
+    /// The device, for tensors used in inference.
+    pub fn dev(&self) -> &Dev {
+        &self.dev
+    }
+
+    /// The largest parameter id, past which each step moves this cell's id counter.
+    pub fn watermark(&self) -> UniqueId {
+        self.watermark
+    }
+
+    /// One optimiser step: `loss` computes the loss from the model and a traced input, then
+    /// the trainer back-propagates, checks the loss is finite and updates the parameters.
+    ///
+    /// The closure gets the model, the gradients to start a tape with (`x.traced(grads)`), and
+    /// a [`StepContext`]. A loss that is NaN or infinite stops training with
+    /// [`Error::Diverged`], before the parameters are touched.
+    pub fn step<F>(&mut self, loss: F) -> Result<f32>
+    where
+        M: ZeroGrads<f32, Dev>,
+        F: FnOnce(&M, Gradients<f32, Dev>, StepContext<'_>) -> Result<Loss>,
+    {
+        move_counter_past(&self.dev, self.watermark)?;
+        let grads = match self.grads.take() {
+            Some(mut g) => {
+                self.model.try_zero_grads(&mut g).map_err(dfdx_err)?;
+                g
+            }
+            None => self.model.try_alloc_grads().map_err(dfdx_err)?,
+        };
+        let ctx = StepContext {
+            dev: &self.dev,
+            rng: &mut self.rng,
+            step: self.losses.len(),
+        };
+        let loss = loss(&self.model, grads, ctx)?;
+        let value = loss.array();
+        if !value.is_finite() {
+            return Err(Error::Diverged {
+                step: self.losses.len(),
+                loss: value,
+                fix: format!(
+                    "Lower the learning rate (now {}), or check the loss for log(0) or a division by zero.",
+                    self.opt.cfg.lr
+                ),
+            });
+        }
+        let grads = loss.backward();
+        self.opt
+            .update(&mut self.model, &grads)
+            .map_err(|e| match e {
+                OptimizerUpdateError::UnusedParams(u) => Error::Dfdx(format!(
+                    "{} parameter tensors got no gradient: the loss must use every parameter \
+                     of the model being trained (train two networks with two trainers)",
+                    u.ids.len()
+                )),
+                OptimizerUpdateError::DeviceError(e) => dfdx_err(e),
+            })?;
+        self.grads = Some(grads);
+        self.losses.push(value);
+        Ok(value)
+    }
+
+    /// Every parameter, flattened in the model's order: for comparing two models exactly.
+    pub fn parameters(&self) -> Result<Vec<f32>> {
+        parameters(&self.model)
+    }
+}
+
+/// Every parameter of a model, flattened in the model's visiting order.
+pub fn parameters<M: TensorCollection<f32, Dev>>(model: &M) -> Result<Vec<f32>> {
+    struct Collect(Vec<f32>);
+    impl TensorVisitor<f32, Dev> for Collect {
+        type Viewer = ViewTensorRef;
+        type Err = CpuError;
+        type E2 = f32;
+        type D2 = Dev;
+        fn visit<S: Shape>(
+            &mut self,
+            _: TensorOptions<S, f32, Dev>,
+            t: &Tensor<S, f32, Dev>,
+        ) -> std::result::Result<Option<Tensor<S, f32, Dev>>, CpuError> {
+            self.0.extend(t.as_vec());
+            Ok(None)
+        }
+    }
+    let mut collect = Collect(vec![]);
+    M::iter_tensors(&mut RecursiveWalker {
+        m: model,
+        f: &mut collect,
+    })
+    .map_err(dfdx_err)?;
+    Ok(collect.0)
+}
+
+/// The largest id among a model's parameter tensors.
+fn max_param_id<M: TensorCollection<f32, Dev>>(model: &M) -> Result<UniqueId> {
+    struct MaxId(UnusedTensors);
+    impl TensorVisitor<f32, Dev> for MaxId {
+        type Viewer = ViewTensorRef;
+        type Err = CpuError;
+        type E2 = f32;
+        type D2 = Dev;
+        fn visit<S: Shape>(
+            &mut self,
+            _: TensorOptions<S, f32, Dev>,
+            t: &Tensor<S, f32, Dev>,
+        ) -> std::result::Result<Option<Tensor<S, f32, Dev>>, CpuError> {
+            // dfdx exposes a tensor's id only through `UnusedTensors`.
+            self.0.add(t);
+            Ok(None)
+        }
+    }
+    let mut ids = MaxId(UnusedTensors::default());
+    M::iter_tensors(&mut RecursiveWalker {
+        m: model,
+        f: &mut ids,
+    })
+    .map_err(dfdx_err)?;
+    ids.0
+        .ids
+        .into_iter()
+        .max()
+        .ok_or_else(|| Error::Dfdx("the model has no parameters to train".into()))
+}
+
+/// The id the next tensor created in this cell will have (or one past it).
+fn probe_id(dev: &Dev) -> Result<UniqueId> {
+    let probe: Tensor<Rank0, f32, Dev> = dev.try_zeros().map_err(dfdx_err)?;
+    let mut ids = UnusedTensors::default();
+    ids.add(&probe);
+    Ok(ids.ids[0])
+}
+
+/// Advances this cell's copy of dfdx's tensor-id counter until it is past `watermark`.
+///
+/// In the cell that built the model this costs one probe; in a later cell it creates one
+/// scalar tensor per id skipped (tens of nanoseconds each).
+pub fn move_counter_past(dev: &Dev, watermark: UniqueId) -> Result<()> {
+    while probe_id(dev)? <= watermark {}
+    Ok(())
+}
+
+fn dfdx_err(e: impl std::fmt::Debug) -> Error {
+    Error::Dfdx(format!("{e:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Mlp = (Linear<1, 16>, Tanh, Linear<16, 1>);
+
+    fn fit_step(m: &<Mlp as BuildOnDevice<Dev, f32>>::Built, g: Gradients<f32, Dev>, c: StepContext<'_>) -> Result<Loss> {
+        let xs: Vec<f32> = (0..32).map(|i| i as f32 / 16.0 - 1.0).collect();
+        let ys: Vec<f32> = xs.iter().map(|x| (3.0 * x).sin()).collect();
+        let x = c.dev.tensor_from_vec(xs, (Const::<32>, Const::<1>));
+        let y = c.dev.tensor_from_vec(ys, (Const::<32>, Const::<1>));
+        Ok(mse_loss(m.forward(x.traced(g)), y))
+    }
+
+    fn fast() -> AdamSettings {
+        AdamSettings {
+            lr: 1e-2,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn split_training_equals_one_run() {
+        let mut a = Trainer::build::<Mlp>(fast(), 3).unwrap();
+        for _ in 0..30 {
+            a.step(fit_step).unwrap();
+        }
+        // Simulate a new evcxr cell: the counter cannot go back here, but the trainer must
+        // give identical results whatever the counter does.
+        for _ in 0..20 {
+            a.step(fit_step).unwrap();
+        }
+        let mut b = Trainer::build::<Mlp>(fast(), 3).unwrap();
+        for _ in 0..50 {
+            b.step(fit_step).unwrap();
+        }
+        assert_eq!(a.losses, b.losses);
+        assert_eq!(a.parameters().unwrap(), b.parameters().unwrap());
+        assert!(a.losses[49] < 0.5 * a.losses[0], "it learned: {:?}", (a.losses[0], a.losses[49]));
+    }
+
+    #[test]
+    fn a_bad_learning_rate_is_named() {
+        let bad = AdamSettings {
+            lr: -1.0,
+            ..Default::default()
+        };
+        let err = Trainer::build::<Mlp>(bad, 0).err().unwrap().to_string();
+        assert!(err.contains("`lr`"), "{err}");
+    }
+
+    #[test]
+    fn divergence_is_an_error() {
+        let mut t = Trainer::build::<Mlp>(AdamSettings::default(), 0).unwrap();
+        let err = t
+            .step(|m, g, c| {
+                let x = c.dev.tensor_from_vec(vec![f32::NAN; 4], (Const::<4>, Const::<1>));
+                Ok(m.forward(x.traced(g)).mean())
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::Diverged { step: 0, .. }), "{err}");
+    }
+}

@@ -1,0 +1,316 @@
+//! `cargo xtask <command>`: the one entry point for everything a genlab user does.
+//!
+//! - `setup`: installs what the notebooks need (idempotent; fast when done).
+//! - `lab`: setup, then JupyterLab on `notebooks/`.
+//! - `run [NOTEBOOK...] [--param NAME=VALUE ...]`: setup, then executes notebooks headless;
+//!   executed copies and figures go to `exports/<notebook>/`.
+//! - `test`: setup, `cargo test`, then every notebook (and `tests/notebooks/`) with its smoke
+//!   parameters; fails on any error output.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+use std::time::Instant;
+
+/// evcxr_jupyter version the notebooks are tested with.
+const EVCXR_VERSION: &str = "0.22.0";
+/// The font with Chinese glyphs the figures use, and the Debian packages that provide it.
+const CJK_FONT: &str = "/usr/share/fonts/truetype/wqy/wqy-microhei.ttc";
+const DEBIAN_PACKAGES: &[&str] = &["fonts-wqy-microhei", "fontconfig"];
+/// The kernel name registered in the project's virtual environment.
+const KERNEL: &str = "genlab-rust";
+
+type Result<T> = std::result::Result<T, String>;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let root = project_root();
+    let result = match args.first().map(String::as_str) {
+        Some("setup") => setup(&root),
+        Some("lab") => setup(&root).and_then(|_| lab(&root)),
+        Some("run") => setup(&root).and_then(|_| run(&root, &args[1..])),
+        Some("test") => setup(&root).and_then(|_| test(&root)),
+        _ => {
+            eprintln!("{}", USAGE);
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+const USAGE: &str = "usage: cargo xtask <command>
+  setup                                   install the kernel, Jupyter (in .venv) and fonts
+  lab                                     setup, then JupyterLab on notebooks/
+  run [NOTEBOOK...] [--param NAME=VALUE]  execute notebooks (all by default) into exports/
+  test                                    cargo test, then every notebook with smoke parameters";
+
+fn project_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Runs `what`, printing how long it took.
+fn timed<T>(what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let start = Instant::now();
+    let out = f()?;
+    println!("[setup] {what}: {:.1} s", start.elapsed().as_secs_f64());
+    Ok(out)
+}
+
+fn status(cmd: &mut Command) -> Result<()> {
+    let shown = format!("{cmd:?}");
+    let s = cmd
+        .status()
+        .map_err(|e| format!("could not start {shown}: {e}"))?;
+    if s.success() {
+        Ok(())
+    } else {
+        Err(format!("{shown} failed ({s})"))
+    }
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    let out = cmd.output().ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn cargo_bin() -> PathBuf {
+    std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        .unwrap_or_else(|| PathBuf::from(".cargo"))
+        .join("bin")
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+fn setup(root: &Path) -> Result<()> {
+    let start = Instant::now();
+    timed("fonts (Debian packages)", setup_fonts)?;
+    let evcxr = timed("evcxr_jupyter", setup_evcxr)?;
+    timed("Python virtual environment (.venv)", || setup_venv(root))?;
+    timed("Rust kernel registration", || setup_kernel(root, &evcxr))?;
+    println!(
+        "[setup] done in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn setup_fonts() -> Result<()> {
+    let have_fc = output(Command::new("fc-match").arg("--version")).is_some()
+        || Command::new("fc-match").arg("-V").output().is_ok();
+    if Path::new(CJK_FONT).is_file() && have_fc {
+        return Ok(());
+    }
+    let install = format!("apt-get install -y {}", DEBIAN_PACKAGES.join(" "));
+    if !is_root() {
+        return Err(format!(
+            "figures need a font with Chinese glyphs. Install it with: sudo apt-get update && sudo {install} \
+             (or set GENLAB_FONT to any CJK .ttf/.otf/.ttc file and rerun)"
+        ));
+    }
+    println!("[setup] installing {}", DEBIAN_PACKAGES.join(", "));
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(DEBIAN_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )
+}
+
+fn setup_evcxr() -> Result<PathBuf> {
+    let bin = cargo_bin().join("evcxr_jupyter");
+    let version = output(Command::new(&bin).arg("--version")).unwrap_or_default();
+    if version.contains(EVCXR_VERSION) {
+        return Ok(bin);
+    }
+    println!("[setup] installing evcxr_jupyter {EVCXR_VERSION} (a cold build takes about 10 minutes)");
+    status(Command::new("cargo").args([
+        "install",
+        "evcxr_jupyter",
+        "--version",
+        EVCXR_VERSION,
+        "--locked",
+    ]))?;
+    Ok(bin)
+}
+
+fn setup_venv(root: &Path) -> Result<()> {
+    let venv = root.join(".venv");
+    let requirements = root.join("xtask/requirements.txt");
+    let wanted = std::fs::read_to_string(&requirements)
+        .map_err(|e| format!("{}: {e}", requirements.display()))?;
+    let stamp = venv.join("genlab-requirements.txt");
+    let python = venv.join("bin/python");
+    if python.is_file() && std::fs::read_to_string(&stamp).ok().as_deref() == Some(&wanted) {
+        return Ok(());
+    }
+    if !python.is_file() {
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))
+            .map_err(|e| format!("{e}: install Python 3 with its venv module (Debian: python3-venv)"))?;
+    }
+    status(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .arg(&requirements),
+    )?;
+    std::fs::write(&stamp, wanted).map_err(|e| e.to_string())
+}
+
+/// Registers the kernel in the venv's Jupyter, started through `xtask/evcxr-kernel.sh`, which
+/// gives each running kernel its own persistent build folder under `target/evcxr/`.
+fn setup_kernel(root: &Path, evcxr: &Path) -> Result<()> {
+    let evcxr_dir = root.join("target/evcxr");
+    let config_dir = evcxr_dir.join("config");
+    std::fs::create_dir_all(evcxr_dir.join(".cargo")).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&config_dir).map_err(|e| e.to_string())?;
+    // Cargo reads this for every build folder below target/evcxr/: dependencies (dfdx,
+    // plotters, genlab) build optimised once, while each cell builds at opt-level 0.
+    write_if_changed(
+        &evcxr_dir.join(".cargo/config.toml"),
+        "# Written by `cargo xtask setup`: dependencies of notebook cells build optimised.\n\
+         [profile.dev.package.\"*\"]\nopt-level = 3\ndebug-assertions = false\noverflow-checks = false\n",
+    )?;
+    write_if_changed(
+        &config_dir.join("evcxr.toml"),
+        "# Written by `cargo xtask setup`: cells build fast; dependencies are optimised by\n\
+         # target/evcxr/.cargo/config.toml.\n[evcxr]\nopt_level = \"0\"\n",
+    )?;
+    let kernel_dir = root.join(".venv/share/jupyter/kernels").join(KERNEL);
+    std::fs::create_dir_all(&kernel_dir).map_err(|e| e.to_string())?;
+    let spec = format!(
+        r#"{{
+ "argv": [{script}, {evcxr}, "{{connection_file}}"],
+ "display_name": "Rust (genlab)",
+ "language": "rust",
+ "interrupt_mode": "message"
+}}
+"#,
+        script = json_string(&root.join("xtask/evcxr-kernel.sh")),
+        evcxr = json_string(evcxr),
+    );
+    write_if_changed(&kernel_dir.join("kernel.json"), &spec)
+}
+
+fn json_string(path: &Path) -> String {
+    let s = path.display().to_string();
+    format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+fn write_if_changed(path: &Path, text: &str) -> Result<()> {
+    if std::fs::read_to_string(path).ok().as_deref() == Some(text) {
+        return Ok(());
+    }
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+fn notebooks_in(dir: &Path) -> Vec<PathBuf> {
+    let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "ipynb"))
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Resolves `01_bayes`, `01_bayes.ipynb` or a path to a notebook file.
+fn resolve_notebook(root: &Path, name: &str) -> Result<PathBuf> {
+    let candidates = [
+        PathBuf::from(name),
+        root.join(name),
+        root.join("notebooks").join(name),
+        root.join("notebooks").join(format!("{name}.ipynb")),
+    ];
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            let known: Vec<String> = notebooks_in(&root.join("notebooks"))
+                .iter()
+                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+                .collect();
+            format!("no notebook `{name}`; the notebooks are: {}", known.join(", "))
+        })
+}
+
+fn nbrun(root: &Path, notebooks: &[PathBuf], extra: &[String]) -> Result<()> {
+    let mut cmd = Command::new(root.join(".venv/bin/python"));
+    cmd.arg(root.join("xtask/nbrun.py"))
+        .args(["--kernel", KERNEL])
+        .args(extra)
+        .args(notebooks)
+        .current_dir(root);
+    status(&mut cmd).map_err(|_| "a notebook failed (its cell and error are printed above)".into())
+}
+
+fn run(root: &Path, args: &[String]) -> Result<()> {
+    let mut notebooks = vec![];
+    let mut extra = vec!["--export-root".to_string(), "exports".to_string()];
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        if arg == "--param" || arg == "-p" {
+            let value = it
+                .next()
+                .ok_or("--param needs NAME=VALUE, e.g. --param flips=50")?;
+            extra.extend(["--param".to_string(), value.clone()]);
+        } else if let Some(value) = arg.strip_prefix("--param=") {
+            extra.extend(["--param".to_string(), value.to_string()]);
+        } else if arg.starts_with('-') {
+            return Err(format!("unknown option `{arg}`\n{USAGE}"));
+        } else {
+            notebooks.push(resolve_notebook(root, arg)?);
+        }
+    }
+    if notebooks.is_empty() {
+        notebooks = notebooks_in(&root.join("notebooks"));
+    }
+    nbrun(root, &notebooks, &extra)
+}
+
+fn test(root: &Path) -> Result<()> {
+    let start = Instant::now();
+    status(
+        Command::new("cargo")
+            .args(["test", "--workspace"])
+            .current_dir(root),
+    )?;
+    println!("[test] cargo test: {:.1} s", start.elapsed().as_secs_f64());
+    let mut notebooks = notebooks_in(&root.join("notebooks"));
+    notebooks.extend(notebooks_in(&root.join("tests/notebooks")));
+    let extra = [
+        "--smoke".to_string(),
+        "--export-root".to_string(),
+        "target/notebook-tests".to_string(),
+    ];
+    nbrun(root, &notebooks, &extra)?;
+    println!("[test] all done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+fn lab(root: &Path) -> Result<()> {
+    println!("[lab] starting JupyterLab on notebooks/ (figures you export go to exports/)");
+    status(
+        Command::new(root.join(".venv/bin/jupyter"))
+            .args(["lab", "--notebook-dir"])
+            .arg(root.join("notebooks"))
+            .env("GENLAB_EXPORT_DIR", root.join("exports"))
+            .current_dir(root),
+    )
+}
