@@ -30,8 +30,18 @@ pub struct Beta {
 impl Beta {
     /// Beta(a, b), or an error when a shape is not positive.
     pub fn new(a: f64, b: f64) -> Result<Self> {
-        ensure(a > 0.0 && a.is_finite(), "a", a, "Beta shapes must be positive, e.g. a = 2")?;
-        ensure(b > 0.0 && b.is_finite(), "b", b, "Beta shapes must be positive, e.g. b = 2")?;
+        ensure(
+            a > 0.0 && a.is_finite(),
+            "a",
+            a,
+            "Beta shapes must be positive, e.g. a = 2",
+        )?;
+        ensure(
+            b > 0.0 && b.is_finite(),
+            "b",
+            b,
+            "Beta shapes must be positive, e.g. b = 2",
+        )?;
         Ok(Beta { a, b })
     }
 
@@ -42,7 +52,8 @@ impl Beta {
         }
         // x·ln(0) with x = 0 is 0 (θ⁰ = 1), not NaN.
         let term = |power: f64, base: f64| if power == 0.0 { 0.0 } else { power * base.ln() };
-        (term(self.a - 1.0, theta) + term(self.b - 1.0, 1.0 - theta) - ln_beta(self.a, self.b)).exp()
+        (term(self.a - 1.0, theta) + term(self.b - 1.0, 1.0 - theta) - ln_beta(self.a, self.b))
+            .exp()
     }
 
     /// The mean a / (a + b).
@@ -126,7 +137,10 @@ pub fn normalise_on_grid(grid: &[f64], values: Vec<f64>) -> Result<Vec<f64>> {
     if grid.len() != values.len() || grid.len() < 2 {
         return Err(Error::shape(
             "normalise_on_grid",
-            format!("a grid of at least 2 points and one value per point ({})", grid.len()),
+            format!(
+                "a grid of at least 2 points and one value per point ({})",
+                grid.len()
+            ),
             format!("{} values", values.len()),
         ));
     }
@@ -196,8 +210,18 @@ pub struct NormalNormal {
 impl NormalNormal {
     /// The model, or an error naming a standard deviation that is not positive.
     pub fn new(prior_mean: f64, prior_std: f64, noise_std: f64) -> Result<Self> {
-        ensure(prior_std > 0.0, "prior_std", prior_std, "use a positive prior standard deviation")?;
-        ensure(noise_std > 0.0, "noise_std", noise_std, "use a positive noise standard deviation")?;
+        ensure(
+            prior_std > 0.0,
+            "prior_std",
+            prior_std,
+            "use a positive prior standard deviation",
+        )?;
+        ensure(
+            noise_std > 0.0,
+            "noise_std",
+            noise_std,
+            "use a positive noise standard deviation",
+        )?;
         Ok(NormalNormal {
             prior_mean,
             prior_std,
@@ -217,8 +241,7 @@ impl NormalNormal {
     /// log p(x | θ) p(θ), the unnormalised log posterior at θ.
     pub fn log_joint(&self, theta: f64, xs: &[f64]) -> f64 {
         normal_log_pdf(theta, self.prior_mean, self.prior_std)
-            + xs
-                .iter()
+            + xs.iter()
                 .map(|&x| normal_log_pdf(x, theta, self.noise_std))
                 .sum::<f64>()
     }
@@ -251,11 +274,19 @@ mod tests {
 
     #[test]
     fn evidence_closed_form_matches_quadrature() {
-        for (a, b, h, t) in [(1.0, 1.0, 3, 2), (2.0, 2.0, 7, 13), (5.0, 1.5, 0, 4), (2.0, 3.0, 40, 60)] {
+        for (a, b, h, t) in [
+            (1.0, 1.0, 3, 2),
+            (2.0, 2.0, 7, 13),
+            (5.0, 1.5, 0, 4),
+            (2.0, 3.0, 40, 60),
+        ] {
             let prior = Beta::new(a, b).unwrap();
             let exact = evidence_closed_form(&prior, h, t);
             let quad = evidence_quadrature(&prior, h, t, 4000);
-            assert!(((exact - quad) / exact).abs() < 1e-6, "{a} {b} {h} {t}: {exact} vs {quad}");
+            assert!(
+                ((exact - quad) / exact).abs() < 1e-6,
+                "{a} {b} {h} {t}: {exact} vs {quad}"
+            );
         }
     }
 

@@ -145,8 +145,11 @@ pub fn load_digits_from(path: impl AsRef<Path>, scale: Scale) -> Result<Digits> 
     let mut test = train.clone();
     for (i, label) in labels.into_iter().enumerate() {
         let set = if i % 6 == 0 { &mut test } else { &mut train };
-        set.x
-            .extend(rows[i * PIXELS..(i + 1) * PIXELS].iter().map(|&p| scale.apply(p)));
+        set.x.extend(
+            rows[i * PIXELS..(i + 1) * PIXELS]
+                .iter()
+                .map(|&p| scale.apply(p)),
+        );
         set.labels.push(label);
     }
     Ok(Digits { train, test })
@@ -156,7 +159,11 @@ pub fn load_digits_from(path: impl AsRef<Path>, scale: Scale) -> Result<Digits> 
 fn parse_digits_csv(text: &str) -> std::result::Result<(Vec<f32>, Vec<u8>), String> {
     let mut pixels = Vec::new();
     let mut labels = Vec::new();
-    for (n, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+    for (n, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
         let fields: Vec<&str> = line.split(',').map(str::trim).collect();
         if fields.len() != PIXELS + 1 {
             return Err(format!(
@@ -167,9 +174,13 @@ fn parse_digits_csv(text: &str) -> std::result::Result<(Vec<f32>, Vec<u8>), Stri
             ));
         }
         for (j, field) in fields.iter().enumerate() {
-            let value: f32 = field
-                .parse()
-                .map_err(|_| format!("line {}, column {}: `{field}` is not a number", n + 1, j + 1))?;
+            let value: f32 = field.parse().map_err(|_| {
+                format!(
+                    "line {}, column {}: `{field}` is not a number",
+                    n + 1,
+                    j + 1
+                )
+            })?;
             let max = if j == PIXELS { 9.0 } else { 16.0 };
             if !(0.0..=max).contains(&value) || value.fract() != 0.0 {
                 return Err(format!(
@@ -277,7 +288,10 @@ pub fn swiss_roll(n: usize, noise: f32, seed: u64) -> Points {
             StandardNormal.sample(&mut rng),
             StandardNormal.sample(&mut rng),
         );
-        xy.push([t * t.cos() / 5.0 + noise * e0, t * t.sin() / 5.0 + noise * e1]);
+        xy.push([
+            t * t.cos() / 5.0 + noise * e0,
+            t * t.sin() / 5.0 + noise * e1,
+        ]);
         labels.push((((t - 1.5 * PI) / (0.5 * PI)) as usize).min(5));
     }
     Points { xy, labels }

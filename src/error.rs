@@ -105,7 +105,10 @@ impl fmt::Display for Error {
                 what,
                 expected,
                 got,
-            } => write!(f, "shape mismatch in {what}: expected {expected}, got {got}"),
+            } => write!(
+                f,
+                "shape mismatch in {what}: expected {expected}, got {got}"
+            ),
             Error::Diverged { step, loss, fix } => {
                 write!(f, "training diverged at step {step}: loss = {loss}. {fix}")
             }

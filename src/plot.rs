@@ -200,7 +200,7 @@ struct ImageGrid {
 ///
 /// Build it with chained calls; show it by making it a cell's last expression; save it with
 /// [`Figure::save`] or [`Figure::export`]. Introduced in chapter 1 (`01_bayes`).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Figure {
     title: String,
     x_label: String,
@@ -210,6 +210,21 @@ pub struct Figure {
     y_range: Option<(f64, f64)>,
     layers: Vec<Layer>,
     images: Option<ImageGrid>,
+}
+
+impl std::fmt::Debug for Figure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let layers = if self.images.is_some() {
+            1
+        } else {
+            self.layers.len()
+        };
+        write!(
+            f,
+            "Figure({:?}, {layers} layers, {}x{})",
+            self.title, self.size.0, self.size.1
+        )
+    }
 }
 
 /// A figure that displays inline as PNG instead of SVG (see [`Figure::png`]).
@@ -427,12 +442,7 @@ impl Figure {
     /// A grid of grey-scale images, `cols` a row: `pixels` holds the images one after another,
     /// each `side`×`side` row-major (64 values for an 8×8 digit). Dark is low, white is high;
     /// the grey scale spans the values' range unless [`Figure::image_range`] fixes it.
-    pub fn image_grid(
-        title: impl Into<String>,
-        pixels: &[f32],
-        side: usize,
-        cols: usize,
-    ) -> Self {
+    pub fn image_grid(title: impl Into<String>, pixels: &[f32], side: usize, cols: usize) -> Self {
         let mut fig = Figure::new(title);
         fig.images = Some(ImageGrid {
             pixels: pixels.to_vec(),
@@ -556,7 +566,7 @@ impl Figure {
         self.auto_export();
         match self.to_svg() {
             Ok(svg) => println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{svg}\nEVCXR_END_CONTENT"),
-            Err(e) => println!("EVCXR_BEGIN_CONTENT text/plain\n{e}\nEVCXR_END_CONTENT"),
+            Err(e) => display_error(&e),
         }
     }
 
@@ -651,12 +661,16 @@ impl Figure {
         };
         let x = self.x_range.unwrap_or_else(|| finite(&xs));
         let mut y = self.y_range.unwrap_or_else(|| finite(&ys));
-        if self.y_range.is_none() && self.layers.iter().any(|l| matches!(l, Layer::Histogram { .. }))
+        if self.y_range.is_none()
+            && self
+                .layers
+                .iter()
+                .any(|l| matches!(l, Layer::Histogram { .. }))
         {
             y.0 = y.0.min(0.0);
         }
         for (name, r) in [("x_range", x), ("y_range", y)] {
-            if !(r.0 < r.1) || !r.0.is_finite() || !r.1.is_finite() {
+            if r.0 >= r.1 || !r.0.is_finite() || !r.1.is_finite() {
                 return Err(Error::param(
                     name,
                     format!("{r:?}"),
@@ -785,15 +799,13 @@ impl Figure {
                         None => {
                             let c = next_colour();
                             let series = chart
-                                .draw_series(
-                                    points.map(|p| Circle::new(p, 3, c.mix(0.7).filled())),
-                                )
+                                .draw_series(points.map(|p| Circle::new(p, 3, c.mix(0.7).filled())))
                                 .map_err(plot_err)?;
                             if !name.is_empty() {
                                 legend = true;
-                                series.label(name.as_str()).legend(move |(x, y)| {
-                                    Circle::new((x + 8, y), 4, c.filled())
-                                });
+                                series
+                                    .label(name.as_str())
+                                    .legend(move |(x, y)| Circle::new((x + 8, y), 4, c.filled()));
                             }
                         }
                         Some(labels) => {
@@ -879,7 +891,10 @@ impl Figure {
         grid: &ImageGrid,
     ) -> Result<()> {
         let per = grid.side * grid.side;
-        if grid.side == 0 || grid.cols == 0 || grid.pixels.is_empty() || grid.pixels.len() % per != 0
+        if grid.side == 0
+            || grid.cols == 0
+            || grid.pixels.is_empty()
+            || !grid.pixels.len().is_multiple_of(per)
         {
             return Err(Error::shape(
                 "image_grid",
@@ -894,7 +909,11 @@ impl Figure {
         let rows = n.div_ceil(grid.cols);
         let (lo, hi) = grid.range.unwrap_or_else(|| {
             let lo = grid.pixels.iter().copied().fold(f32::INFINITY, f32::min);
-            let hi = grid.pixels.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let hi = grid
+                .pixels
+                .iter()
+                .copied()
+                .fold(f32::NEG_INFINITY, f32::max);
             (lo, hi)
         });
         let span = if hi > lo { hi - lo } else { 1.0 };
@@ -946,9 +965,16 @@ impl Png {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
                 println!("EVCXR_BEGIN_CONTENT image/png\n{b64}\nEVCXR_END_CONTENT");
             }
-            Err(e) => println!("EVCXR_BEGIN_CONTENT text/plain\n{e}\nEVCXR_END_CONTENT"),
+            Err(e) => display_error(&e),
         }
     }
+}
+
+/// Shows why a figure could not be drawn, on stderr (where notebook tests look for errors) and
+/// as the cell's result.
+fn display_error(e: &Error) {
+    eprintln!("genlab: the figure could not be drawn: {e}");
+    println!("EVCXR_BEGIN_CONTENT text/plain\nfigure not drawn: {e}\nEVCXR_END_CONTENT");
 }
 
 /// Where [`Figure::export`] writes: `$GENLAB_EXPORT_DIR` when set (the notebook runner sets it
@@ -983,7 +1009,7 @@ fn histogram_bins(
         return Err(Error::param(
             "bins",
             0,
-            &format!("histogram `{name}` needs at least one bin"),
+            format!("histogram `{name}` needs at least one bin"),
         ));
     }
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();

@@ -77,7 +77,12 @@ impl AdamSettings {
                 "Adam's betas lie in [0, 1), e.g. 0.9 and 0.999",
             )?;
         }
-        crate::error::ensure(self.eps > 0.0, "eps", self.eps, "use a small positive ε, e.g. 1e-8")
+        crate::error::ensure(
+            self.eps > 0.0,
+            "eps",
+            self.eps,
+            "use a small positive ε, e.g. 1e-8",
+        )
     }
 
     fn to_dfdx(self) -> AdamConfig {
@@ -320,7 +325,11 @@ mod tests {
 
     type Mlp = (Linear<1, 16>, Tanh, Linear<16, 1>);
 
-    fn fit_step(m: &<Mlp as BuildOnDevice<Dev, f32>>::Built, g: Gradients<f32, Dev>, c: StepContext<'_>) -> Result<Loss> {
+    fn fit_step(
+        m: &<Mlp as BuildOnDevice<Dev, f32>>::Built,
+        g: Gradients<f32, Dev>,
+        c: StepContext<'_>,
+    ) -> Result<Loss> {
         let xs: Vec<f32> = (0..32).map(|i| i as f32 / 16.0 - 1.0).collect();
         let ys: Vec<f32> = xs.iter().map(|x| (3.0 * x).sin()).collect();
         let x = c.dev.tensor_from_vec(xs, (Const::<32>, Const::<1>));
@@ -352,7 +361,11 @@ mod tests {
         }
         assert_eq!(a.losses, b.losses);
         assert_eq!(a.parameters().unwrap(), b.parameters().unwrap());
-        assert!(a.losses[49] < 0.5 * a.losses[0], "it learned: {:?}", (a.losses[0], a.losses[49]));
+        assert!(
+            a.losses[49] < 0.5 * a.losses[0],
+            "it learned: {:?}",
+            (a.losses[0], a.losses[49])
+        );
     }
 
     #[test]
@@ -370,7 +383,9 @@ mod tests {
         let mut t = Trainer::build::<Mlp>(AdamSettings::default(), 0).unwrap();
         let err = t
             .step(|m, g, c| {
-                let x = c.dev.tensor_from_vec(vec![f32::NAN; 4], (Const::<4>, Const::<1>));
+                let x = c
+                    .dev
+                    .tensor_from_vec(vec![f32::NAN; 4], (Const::<4>, Const::<1>));
                 Ok(m.forward(x.traced(g)).mean())
             })
             .unwrap_err();

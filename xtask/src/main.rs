@@ -101,10 +101,7 @@ fn setup(root: &Path) -> Result<()> {
     let evcxr = timed("evcxr_jupyter", setup_evcxr)?;
     timed("Python virtual environment (.venv)", || setup_venv(root))?;
     timed("Rust kernel registration", || setup_kernel(root, &evcxr))?;
-    println!(
-        "[setup] done in {:.1} s",
-        start.elapsed().as_secs_f64()
-    );
+    println!("[setup] done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -133,11 +130,14 @@ fn setup_fonts() -> Result<()> {
 
 fn setup_evcxr() -> Result<PathBuf> {
     let bin = cargo_bin().join("evcxr_jupyter");
-    let version = output(Command::new(&bin).arg("--version")).unwrap_or_default();
-    if version.contains(EVCXR_VERSION) {
+    // evcxr_jupyter has no --version; cargo's install list records what it installed.
+    let installed = output(Command::new("cargo").args(["install", "--list"])).unwrap_or_default();
+    if bin.is_file() && installed.contains(&format!("evcxr_jupyter v{EVCXR_VERSION}:")) {
         return Ok(bin);
     }
-    println!("[setup] installing evcxr_jupyter {EVCXR_VERSION} (a cold build takes about 10 minutes)");
+    println!(
+        "[setup] installing evcxr_jupyter {EVCXR_VERSION} (a cold build takes about 10 minutes)"
+    );
     status(Command::new("cargo").args([
         "install",
         "evcxr_jupyter",
@@ -159,12 +159,20 @@ fn setup_venv(root: &Path) -> Result<()> {
         return Ok(());
     }
     if !python.is_file() {
-        status(Command::new("python3").args(["-m", "venv"]).arg(&venv))
-            .map_err(|e| format!("{e}: install Python 3 with its venv module (Debian: python3-venv)"))?;
+        status(Command::new("python3").args(["-m", "venv"]).arg(&venv)).map_err(|e| {
+            format!("{e}: install Python 3 with its venv module (Debian: python3-venv)")
+        })?;
     }
     status(
         Command::new(&python)
-            .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check", "-r"])
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "-r",
+            ])
             .arg(&requirements),
     )?;
     std::fs::write(&stamp, wanted).map_err(|e| e.to_string())
@@ -238,16 +246,16 @@ fn resolve_notebook(root: &Path, name: &str) -> Result<PathBuf> {
         root.join("notebooks").join(name),
         root.join("notebooks").join(format!("{name}.ipynb")),
     ];
-    candidates
-        .into_iter()
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            let known: Vec<String> = notebooks_in(&root.join("notebooks"))
-                .iter()
-                .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-                .collect();
-            format!("no notebook `{name}`; the notebooks are: {}", known.join(", "))
-        })
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        let known: Vec<String> = notebooks_in(&root.join("notebooks"))
+            .iter()
+            .filter_map(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .collect();
+        format!(
+            "no notebook `{name}`; the notebooks are: {}",
+            known.join(", ")
+        )
+    })
 }
 
 fn nbrun(root: &Path, notebooks: &[PathBuf], extra: &[String]) -> Result<()> {
