@@ -24,6 +24,9 @@ pub mod plot;
 pub mod train;
 
 pub use dfdx;
+
+/// This crate's version (a notebook's setup cell binds it; see the README on cell timings).
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 pub use error::{Error, Result};
 
 /// Everything a notebook needs, in one `use genlab::prelude::*;`.

@@ -197,7 +197,8 @@ def main():
     cli = {}
     for item in args.param:
         if "=" not in item:
-            sys.exit(f"error: --param `{item}` is not NAME=VALUE")
+            print(f"error: --param `{item}` is not NAME=VALUE", file=sys.stderr)
+            sys.exit(2)
         name, value = item.split("=", 1)
         cli[name.strip()] = value.strip()
 
@@ -218,7 +219,8 @@ def main():
             raise ParamError(f"unknown parameter `{unknown[0]}` (value `{cli[unknown[0]]}`): "
                              f"the notebooks run here take: {', '.join(sorted(known)) or 'none'}")
     except ParamError as e:
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)  # xtask reports exit status 2 as a bad parameter, before any cell ran
 
     passed = failed = 0
     for path, overrides in plans:

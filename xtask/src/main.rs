@@ -265,7 +265,14 @@ fn nbrun(root: &Path, notebooks: &[PathBuf], extra: &[String]) -> Result<()> {
         .args(extra)
         .args(notebooks)
         .current_dir(root);
-    status(&mut cmd).map_err(|_| "a notebook failed (its cell and error are printed above)".into())
+    let code = cmd
+        .status()
+        .map_err(|e| format!("could not start the notebook runner: {e}"))?;
+    match code.code() {
+        Some(0) => Ok(()),
+        Some(2) => Err("no cell was run: fix the parameter named above".into()),
+        _ => Err("a notebook failed (its cell and error are printed above)".into()),
+    }
 }
 
 fn run(root: &Path, args: &[String]) -> Result<()> {
@@ -300,6 +307,19 @@ fn test(root: &Path) -> Result<()> {
             .current_dir(root),
     )?;
     println!("[test] cargo test: {:.1} s", start.elapsed().as_secs_f64());
+    status(
+        Command::new(root.join(".venv/bin/python"))
+            .args([
+                "-m",
+                "unittest",
+                "discover",
+                "-s",
+                "xtask",
+                "-p",
+                "test_*.py",
+            ])
+            .current_dir(root),
+    )?;
     let mut notebooks = notebooks_in(&root.join("notebooks"));
     notebooks.extend(notebooks_in(&root.join("tests/notebooks")));
     let extra = [
