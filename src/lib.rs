@@ -10,6 +10,7 @@
 //! | [`plot`] | all | the one [`plot::Figure`] type: inline display, PNG and SVG export |
 //! | [`data`] | all | the 8×8 digits and their split, seeded toy sets, minibatches |
 //! | [`train`] | model chapters | a model + Adam + history that trains correctly across cells |
+//! | [`elbo`] | 2, `02_elbo` | variational inference, the ELBO identity, IWAE, gradient estimators |
 //! | [`math`] | all | log-gamma, densities, quadrature |
 //!
 //! Nothing a learner can influence panics: every fallible call returns [`Result`] with an
@@ -18,12 +19,21 @@
 
 pub mod bayes;
 pub mod data;
+pub mod elbo;
 pub mod error;
 pub mod math;
 pub mod plot;
 pub mod train;
 
 pub use dfdx;
+
+/// The seeded random generator every chapter uses (`let mut rng: genlab::Rng = genlab::rng(0);`).
+pub type Rng = rand::rngs::StdRng;
+
+/// A random generator from a seed: the same seed gives the same numbers.
+pub fn rng(seed: u64) -> Rng {
+    <Rng as rand::SeedableRng>::seed_from_u64(seed)
+}
 
 /// This crate's version (a notebook's setup cell binds it; see the README on cell timings).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
@@ -35,6 +45,6 @@ pub mod prelude {
     pub use crate::data::{self, Batches, Digits, Images, Points, Scale};
     pub use crate::error::{Error, Result};
     pub use crate::math::{linspace, ln_beta, ln_gamma, logsumexp, normal_pdf, simpson, trapezoid};
-    pub use crate::plot::{Figure, Png};
+    pub use crate::plot::{Corner, Figure, Png};
     pub use crate::train::{self, AdamSettings, Trainer};
 }

@@ -210,6 +210,20 @@ pub struct Figure {
     y_range: Option<(f64, f64)>,
     layers: Vec<Layer>,
     images: Option<ImageGrid>,
+    legend: Corner,
+}
+
+/// Where the legend box sits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Corner {
+    /// Top right (the default).
+    UpperRight,
+    /// Top left.
+    UpperLeft,
+    /// Bottom right.
+    LowerRight,
+    /// Bottom left.
+    LowerLeft,
 }
 
 impl std::fmt::Debug for Figure {
@@ -251,7 +265,14 @@ impl Figure {
             y_range: None,
             layers: vec![],
             images: None,
+            legend: Corner::UpperRight,
         }
+    }
+
+    /// Moves the legend to another corner (when it hides the data).
+    pub fn legend(mut self, corner: Corner) -> Self {
+        self.legend = corner;
+        self
     }
 
     /// Labels the x axis (say what it is and its unit).
@@ -875,7 +896,12 @@ impl Figure {
         if legend {
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::UpperRight)
+                .position(match self.legend {
+                    Corner::UpperRight => SeriesLabelPosition::UpperRight,
+                    Corner::UpperLeft => SeriesLabelPosition::UpperLeft,
+                    Corner::LowerRight => SeriesLabelPosition::LowerRight,
+                    Corner::LowerLeft => SeriesLabelPosition::LowerLeft,
+                })
                 .background_style(WHITE.mix(0.85))
                 .border_style(RGBColor(180, 180, 180))
                 .label_font((font, 14))
