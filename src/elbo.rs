@@ -501,11 +501,15 @@ impl ViConfig {
             self.init_mean,
             "use a finite starting mean",
         )?;
+        self.adam().validate()
+    }
+
+    /// Adam with this learning rate and PyTorch's default betas and ε.
+    pub fn adam(&self) -> AdamSettings {
         AdamSettings {
             lr: self.lr,
             ..Default::default()
         }
-        .validate()
     }
 }
 
@@ -532,14 +536,10 @@ impl VariationalFit {
             dev.tensor(config.init_mean as f32),
             dev.tensor((config.init_std as f32).ln()),
         );
-        let adam = AdamSettings {
-            lr: config.lr,
-            ..Default::default()
-        };
         Ok(VariationalFit {
             model: model.clone(),
             config,
-            trainer: Trainer::with_device(params, dev, adam, config.seed)?,
+            trainer: Trainer::with_device(params, dev, config.adam(), config.seed)?,
         })
     }
 
@@ -751,14 +751,10 @@ impl DiagonalFit {
             dev.tensor([config.init_mean as f32; 2]),
             dev.tensor([(config.init_std as f32).ln(); 2]),
         );
-        let adam = AdamSettings {
-            lr: config.lr,
-            ..Default::default()
-        };
         let mut fit = DiagonalFit {
             model: model.clone(),
             samples: config.samples,
-            trainer: Trainer::with_device(params, dev, adam, config.seed)?,
+            trainer: Trainer::with_device(params, dev, config.adam(), config.seed)?,
         };
         fit.train(config.steps)?;
         Ok(fit)

@@ -307,34 +307,32 @@ impl Figure {
 
     /// A named line through the points (xsᵢ, ysᵢ).
     pub fn line<X: Copy + Into<f64>, Y: Copy + Into<f64>>(
-        mut self,
+        self,
         name: impl Into<String>,
         xs: &[X],
         ys: &[Y],
     ) -> Self {
+        self.push_line(name.into(), to_f64(xs), to_f64(ys), false)
+    }
+
+    fn push_line(mut self, name: String, xs: Vec<f64>, ys: Vec<f64>, dashed: bool) -> Self {
         self.layers.push(Layer::Line {
-            name: name.into(),
-            xs: to_f64(xs),
-            ys: to_f64(ys),
-            dashed: false,
+            name,
+            xs,
+            ys,
+            dashed,
         });
         self
     }
 
     /// A named dashed line (for a reference curve: a closed form, a target).
     pub fn dashed_line<X: Copy + Into<f64>, Y: Copy + Into<f64>>(
-        mut self,
+        self,
         name: impl Into<String>,
         xs: &[X],
         ys: &[Y],
     ) -> Self {
-        self.layers.push(Layer::Line {
-            name: name.into(),
-            xs: to_f64(xs),
-            ys: to_f64(ys),
-            dashed: true,
-        });
-        self
+        self.push_line(name.into(), to_f64(xs), to_f64(ys), true)
     }
 
     /// The curve of a 1-D density (or any function) `f` on [lo, hi], at 400 points.

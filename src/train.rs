@@ -243,8 +243,23 @@ impl<M: TensorCollection<f32, Dev>> Trainer<M> {
 
 /// Every parameter of a model, flattened in the model's visiting order.
 pub fn parameters<M: TensorCollection<f32, Dev>>(model: &M) -> Result<Vec<f32>> {
-    struct Collect(Vec<f32>);
-    impl TensorVisitor<f32, Dev> for Collect {
+    Ok(walk(model)?.0)
+}
+
+/// The largest id among a model's parameter tensors.
+fn max_param_id<M: TensorCollection<f32, Dev>>(model: &M) -> Result<UniqueId> {
+    walk(model)?
+        .1
+        .ids
+        .into_iter()
+        .max()
+        .ok_or_else(|| Error::Dfdx("the model has no parameters to train".into()))
+}
+
+/// Visits every parameter tensor: their values, flattened, and their ids.
+fn walk<M: TensorCollection<f32, Dev>>(model: &M) -> Result<(Vec<f32>, UnusedTensors)> {
+    struct Walk(Vec<f32>, UnusedTensors);
+    impl TensorVisitor<f32, Dev> for Walk {
         type Viewer = ViewTensorRef;
         type Err = CpuError;
         type E2 = f32;
@@ -255,47 +270,18 @@ pub fn parameters<M: TensorCollection<f32, Dev>>(model: &M) -> Result<Vec<f32>> 
             t: &Tensor<S, f32, Dev>,
         ) -> std::result::Result<Option<Tensor<S, f32, Dev>>, CpuError> {
             self.0.extend(t.as_vec());
-            Ok(None)
-        }
-    }
-    let mut collect = Collect(vec![]);
-    M::iter_tensors(&mut RecursiveWalker {
-        m: model,
-        f: &mut collect,
-    })
-    .map_err(dfdx_err)?;
-    Ok(collect.0)
-}
-
-/// The largest id among a model's parameter tensors.
-fn max_param_id<M: TensorCollection<f32, Dev>>(model: &M) -> Result<UniqueId> {
-    struct MaxId(UnusedTensors);
-    impl TensorVisitor<f32, Dev> for MaxId {
-        type Viewer = ViewTensorRef;
-        type Err = CpuError;
-        type E2 = f32;
-        type D2 = Dev;
-        fn visit<S: Shape>(
-            &mut self,
-            _: TensorOptions<S, f32, Dev>,
-            t: &Tensor<S, f32, Dev>,
-        ) -> std::result::Result<Option<Tensor<S, f32, Dev>>, CpuError> {
             // dfdx exposes a tensor's id only through `UnusedTensors`.
-            self.0.add(t);
+            self.1.add(t);
             Ok(None)
         }
     }
-    let mut ids = MaxId(UnusedTensors::default());
+    let mut walk = Walk(vec![], UnusedTensors::default());
     M::iter_tensors(&mut RecursiveWalker {
         m: model,
-        f: &mut ids,
+        f: &mut walk,
     })
     .map_err(dfdx_err)?;
-    ids.0
-        .ids
-        .into_iter()
-        .max()
-        .ok_or_else(|| Error::Dfdx("the model has no parameters to train".into()))
+    Ok((walk.0, walk.1))
 }
 
 /// The id the next tensor created in this cell will have (or one past it).
