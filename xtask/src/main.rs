@@ -334,11 +334,14 @@ fn test(root: &Path) -> Result<()> {
 
 fn lab(root: &Path) -> Result<()> {
     println!("[lab] starting JupyterLab on notebooks/ (figures you export go to exports/)");
-    status(
-        Command::new(root.join(".venv/bin/jupyter"))
-            .args(["lab", "--notebook-dir"])
-            .arg(root.join("notebooks"))
-            .env("GENLAB_EXPORT_DIR", root.join("exports"))
-            .current_dir(root),
-    )
+    let mut cmd = Command::new(root.join(".venv/bin/jupyter"));
+    cmd.args(["lab", "--notebook-dir"])
+        .arg(root.join("notebooks"))
+        .env("GENLAB_EXPORT_DIR", root.join("exports"))
+        .current_dir(root);
+    if is_root() {
+        // Jupyter refuses to run as root without this (containers and CI machines are root).
+        cmd.arg("--allow-root");
+    }
+    status(&mut cmd)
 }
