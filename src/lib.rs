@@ -11,6 +11,7 @@
 //! | [`data`] | all | the 8×8 digits and their split, seeded toy sets, minibatches |
 //! | [`train`] | model chapters | a model + Adam + history that trains correctly across cells |
 //! | [`elbo`] | 2, `02_elbo` | variational inference, the ELBO identity, IWAE, gradient estimators |
+//! | [`vae`] | 3, `03_vae` | the VAE on the digits: training, samples, latents, checkpoints |
 //! | [`math`] | all | log-gamma, densities, quadrature |
 //!
 //! Nothing a learner can influence panics: every fallible call returns [`Result`] with an
@@ -24,6 +25,7 @@ pub mod error;
 pub mod math;
 pub mod plot;
 pub mod train;
+pub mod vae;
 
 pub use dfdx;
 
@@ -47,4 +49,5 @@ pub mod prelude {
     pub use crate::math::{linspace, ln_beta, ln_gamma, logsumexp, normal_pdf, simpson, trapezoid};
     pub use crate::plot::{Corner, Figure, Png};
     pub use crate::train::{self, AdamSettings, Trainer};
+    pub use crate::vae::{Likelihood, Vae, VaeConfig};
 }

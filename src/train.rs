@@ -21,7 +21,7 @@
 
 use crate::error::{Error, Result};
 use dfdx::nn::tensor_collection::{
-    RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorRef,
+    RecursiveWalker, TensorCollection, TensorOptions, TensorVisitor, ViewTensorMut, ViewTensorRef,
 };
 use dfdx::nn::ZeroGrads;
 use dfdx::optim::{Adam, Optimizer, OptimizerUpdateError, UnusedTensors};
@@ -238,6 +238,42 @@ impl<M: TensorCollection<f32, Dev>> Trainer<M> {
     /// Every parameter, flattened in the model's order: for comparing two models exactly.
     pub fn parameters(&self) -> Result<Vec<f32>> {
         parameters(&self.model)
+    }
+
+    /// Overwrites every parameter from `values` (flattened as [`Trainer::parameters`] gives
+    /// them), for loading a checkpoint. Adam's moments start afresh.
+    pub fn set_parameters(&mut self, values: &[f32]) -> Result<()> {
+        struct Set<'a>(&'a [f32], usize);
+        impl TensorVisitor<f32, Dev> for Set<'_> {
+            type Viewer = ViewTensorMut;
+            type Err = CpuError;
+            type E2 = f32;
+            type D2 = Dev;
+            fn visit<S: Shape>(
+                &mut self,
+                _: TensorOptions<S, f32, Dev>,
+                t: &mut Tensor<S, f32, Dev>,
+            ) -> std::result::Result<Option<Tensor<S, f32, Dev>>, CpuError> {
+                let n = t.shape().num_elements();
+                if let Some(src) = self.0.get(self.1..self.1 + n) {
+                    t.copy_from(src);
+                }
+                self.1 += n;
+                Ok(None)
+            }
+        }
+        let expected = self.parameters()?.len();
+        if values.len() != expected {
+            return Err(Error::shape("set_parameters", expected, values.len()));
+        }
+        M::iter_tensors(&mut RecursiveWalker {
+            m: &mut self.model,
+            f: &mut Set(values, 0),
+        })
+        .map_err(dfdx_err)?;
+        self.opt = Adam::new(&self.model, self.opt.cfg);
+        self.grads = None;
+        Ok(())
     }
 }
 

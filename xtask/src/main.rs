@@ -29,6 +29,7 @@ fn main() -> ExitCode {
         Some("lab") => setup(&root).and_then(|_| lab(&root)),
         Some("run") => setup(&root).and_then(|_| run(&root, &args[1..])),
         Some("test") => setup(&root).and_then(|_| test(&root)),
+        Some("bench") => bench(&root, &args[1..]),
         _ => {
             eprintln!("{}", USAGE);
             return ExitCode::from(2);
@@ -47,7 +48,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup                                   install the kernel, Jupyter (in .venv) and fonts
   lab                                     setup, then JupyterLab on notebooks/
   run [NOTEBOOK...] [--param NAME=VALUE]  execute notebooks (all by default) into exports/
-  test                                    cargo test, then every notebook with smoke parameters";
+  test                                    cargo test, then every notebook with smoke parameters
+  bench --reference DIR [--rounds N] [--steps-scale X] [--install]
+                                          (developers) W1 against PyTorch's reference script in DIR";
 
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -344,4 +347,137 @@ fn lab(root: &Path) -> Result<()> {
         cmd.arg("--allow-root");
     }
     status(&mut cmd)
+}
+
+/// The benchmark: our `genlab-bench vae-digits` and the PyTorch reference script, alternated
+/// for several rounds in one run, PyTorch at its default threads and at one thread.
+fn bench(root: &Path, args: &[String]) -> Result<()> {
+    let (mut reference, mut rounds, mut scale, mut install) =
+        (None, 3usize, "1".to_string(), false);
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--install" => install = true,
+            "--reference" | "--rounds" | "--steps-scale" => {
+                let value = it.next().ok_or(format!("{arg} needs a value"))?;
+                match arg.as_str() {
+                    "--reference" => reference = Some(PathBuf::from(value)),
+                    "--rounds" => {
+                        rounds = value
+                            .parse()
+                            .ok()
+                            .filter(|r| *r >= 1)
+                            .ok_or(format!("--rounds {value}: use a whole number ≥ 1"))?
+                    }
+                    _ => scale = value.clone(),
+                }
+            }
+            _ => return Err(format!("unknown option `{arg}`\n{USAGE}")),
+        }
+    }
+    let reference = reference
+        .ok_or("--reference DIR is required: the folder with torch_vae.py (../shared/reference)")?;
+    let script = reference.join("torch_vae.py");
+    if !script.is_file() {
+        return Err(format!("{} not found", script.display()));
+    }
+    let venv = root.join(".venv-bench");
+    let python = venv.join("bin/python");
+    let has_torch = python.is_file()
+        && Command::new(&python)
+            .args(["-c", "import torch, numpy"])
+            .output()
+            .is_ok_and(|o| o.status.success());
+    if !has_torch {
+        if !install {
+            return Err(format!(
+                "PyTorch is not installed in {}: rerun with --install (about 5 GB from PyPI)",
+                venv.display()
+            ));
+        }
+        timed("PyTorch into .venv-bench", || {
+            if !python.is_file() {
+                status(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+            }
+            status(
+                Command::new(&python).args(["-m", "pip", "install", "--quiet", "torch", "numpy"]),
+            )
+        })?;
+    }
+    status(
+        Command::new("cargo")
+            .args(["build", "--quiet", "--release", "--bin", "genlab-bench"])
+            .current_dir(root),
+    )?;
+    let ours = root.join("target/release/genlab-bench");
+    let mut results: Vec<(String, Vec<f64>, Vec<f64>)> =
+        ["genlab", "pytorch (default threads)", "pytorch (1 thread)"]
+            .iter()
+            .map(|n| (n.to_string(), vec![], vec![]))
+            .collect();
+    for round in 0..rounds {
+        println!("[bench] round {} of {rounds}", round + 1);
+        for (which, result) in results.iter_mut().enumerate() {
+            let mut cmd = if which == 0 {
+                let mut c = Command::new(&ours);
+                c.args(["vae-digits", "--steps-scale", &scale]);
+                c
+            } else {
+                let mut c = Command::new(&python);
+                c.arg(&script).args(["--steps-scale", &scale]);
+                if which == 2 {
+                    c.env("OMP_NUM_THREADS", "1").env("MKL_NUM_THREADS", "1");
+                }
+                c
+            };
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+            if !out.status.success() {
+                return Err(format!(
+                    "{cmd:?} failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                ));
+            }
+            println!("{line}");
+            let seconds =
+                json_number(&line, "train_seconds").ok_or("no train_seconds in the output")?;
+            let nelbo =
+                json_number(&line, "test_neg_elbo").ok_or("no test_neg_elbo in the output")?;
+            result.1.push(seconds);
+            result.2.push(nelbo);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("\nW1 vae-digits, median of {rounds} rounds:");
+    println!("{:<28} {:>14} {:>14}", "", "train seconds", "test NELBO");
+    for (name, seconds, nelbo) in &results {
+        println!(
+            "{name:<28} {:>14.3} {:>14.3}",
+            median(seconds),
+            median(nelbo)
+        );
+    }
+    let ours_s = median(&results[0].1);
+    let ours_q = median(&results[0].2);
+    for (name, seconds, nelbo) in &results[1..] {
+        println!(
+            "ours / {name}: train time {:.3} (PyTorch is {:.2}x our time), test NELBO {:.4}",
+            ours_s / median(seconds),
+            median(seconds) / ours_s,
+            ours_q / median(nelbo)
+        );
+    }
+    Ok(())
+}
+
+/// The number after `"key":` in a one-line JSON object.
+fn json_number(line: &str, key: &str) -> Option<f64> {
+    let start = line.find(&format!("\"{key}\""))? + key.len() + 2;
+    let rest = line[start..].trim_start().strip_prefix(':')?.trim_start();
+    let end = rest.find([',', '}']).unwrap_or(rest.len());
+    rest[..end].trim().parse().ok()
 }
