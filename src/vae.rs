@@ -260,7 +260,8 @@ pub struct Vae {
     pub history: Vec<EpochRecord>,
     /// The loss of every minibatch step.
     pub step_losses: Vec<f64>,
-    /// Print a progress line after each epoch (on by default).
+    /// Print progress while training (on by default): the first and last epoch of each
+    /// `train` call, and an epoch whenever 2 seconds have passed since the last line.
     pub verbose: bool,
 }
 
@@ -319,7 +320,8 @@ impl Vae {
     /// Trains `epochs` more epochs (reshuffled each epoch), recording and printing each.
     pub fn train(&mut self, epochs: usize) -> Result<&[EpochRecord]> {
         let start = self.history.len();
-        for _ in 0..epochs {
+        let mut last_print: Option<std::time::Instant> = None;
+        for e in 0..epochs {
             let clock = std::time::Instant::now();
             let (loss, rec, kl) = self.train_epoch_only()?;
             let test = self.test_neg_elbo(10)?;
@@ -330,7 +332,11 @@ impl Vae {
                 kl,
                 test_neg_elbo: test,
             };
-            if self.verbose {
+            let due = e == 0
+                || e + 1 == epochs
+                || last_print.is_none_or(|t| t.elapsed().as_secs_f64() >= 2.0);
+            if self.verbose && due {
+                last_print = Some(std::time::Instant::now());
                 println!(
                     "epoch {:>4}  loss {:8.3}  reconstruction {:8.3}  KL {:7.3}  test −ELBO {:8.3}  ({:.2} s)",
                     record.epoch,
