@@ -230,7 +230,7 @@ impl Gaussian {
     }
 
     /// ∫ g(z) q(z) dz by Simpson's rule over m ± 12 s.
-    pub fn expect(&self, g: impl Fn(f64) -> f64) -> f64 {
+    pub fn expectation(&self, g: impl Fn(f64) -> f64) -> f64 {
         let (lo, hi) = (self.mean - 12.0 * self.std, self.mean + 12.0 * self.std);
         simpson(|z| g(z) * self.log_pdf(z).exp(), lo, hi, 4000)
     }
@@ -238,12 +238,12 @@ impl Gaussian {
 
 /// ELBO(q) = E_q[log p(x, z)] + H(q), computed by quadrature (no sampling noise).
 pub fn elbo_exact(model: &LatentModel, q: &Gaussian) -> f64 {
-    q.expect(|z| model.log_joint(z)) + q.entropy()
+    q.expectation(|z| model.log_joint(z)) + q.entropy()
 }
 
 /// KL(q(z) ‖ p(z | x)) = E_q[log q(z) − log p(z | x)], by quadrature, given log p(x).
 pub fn kl_to_posterior(model: &LatentModel, q: &Gaussian, log_evidence: f64) -> f64 {
-    q.expect(|z| q.log_pdf(z) - (model.log_joint(z) - log_evidence))
+    q.expectation(|z| q.log_pdf(z) - (model.log_joint(z) - log_evidence))
 }
 
 /// One row of the identity table: log p(x), ELBO(q), KL(q ‖ p(z|x)) and

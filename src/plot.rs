@@ -1029,11 +1029,11 @@ fn histogram_bins(
     bins: usize,
     density: bool,
 ) -> Result<(Vec<f64>, Vec<f64>)> {
-    if bins == 0 {
+    if bins == 0 || bins > 100_000 {
         return Err(Error::param(
             "bins",
-            0,
-            format!("histogram `{name}` needs at least one bin"),
+            bins,
+            format!("histogram `{name}` needs between 1 and 100000 bins"),
         ));
     }
     let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
