@@ -139,12 +139,6 @@ type Decoder<const H: usize, const L: usize> =
 type Arch<const H: usize, const L: usize> = (Trunk<H>, Linear<H, L>, Linear<H, L>, Decoder<H, L>);
 type Net<const H: usize, const L: usize> = <Arch<H, L> as BuildOnDevice<Dev, f32>>::Built;
 
-/// Per-image terms of the negative ELBO for a batch, without a tape (for evaluation).
-struct Terms {
-    reconstruction: Vec<f64>,
-    kl: Vec<f64>,
-}
-
 /// The VAE at fixed sizes H and L; [`Vae`] picks one at run time.
 struct Core<const H: usize, const L: usize> {
     trainer: Trainer<Net<H, L>>,
@@ -405,28 +399,34 @@ impl Vae {
         self.decode(&z)
     }
 
-    /// Per-image reconstruction and KL terms for one draw of ε per image.
-    fn terms(&self, x: &[f32], rng: &mut StdRng) -> Result<Terms> {
+    /// The negative ELBO of each image (reconstruction + KL, β not applied), averaged over
+    /// `draws` draws of ε. The encoder runs once and the KL is exact; only the reconstruction
+    /// term is averaged, all draws decoded in one batch.
+    pub fn neg_elbo_per_image(&mut self, images: &Images, draws: usize) -> Result<Vec<f64>> {
+        ensure(
+            draws >= 1,
+            "draws",
+            draws,
+            "average over at least one draw of ε",
+        )?;
         let l = self.config.latent;
-        let (mu, log_var) = self.encode(x)?;
-        let z: Vec<f32> = mu
-            .iter()
-            .zip(&log_var)
-            .map(|(m, lv)| {
-                let e: f32 = StandardNormal.sample(rng);
+        let (mu, log_var) = self.encode(&images.x)?;
+        let mut rng = self.eval_rng.clone();
+        let mut z = Vec::with_capacity(draws * mu.len());
+        for _ in 0..draws {
+            z.extend(mu.iter().zip(&log_var).map(|(m, lv)| {
+                let e: f32 = StandardNormal.sample(&mut rng);
                 m + (0.5 * lv).exp() * e
-            })
-            .collect();
+            }));
+        }
+        self.eval_rng = rng;
         let out = with_core!(&self.net, core => core.decode(&z));
-        let reconstruction = x
-            .chunks(PIXELS)
-            .zip(out.chunks(PIXELS))
-            .map(|(x, o)| neg_log_likelihood(x, o, self.config.likelihood))
-            .collect();
-        let kl = mu
+        let n = images.len();
+        let mut total: Vec<f64> = mu
             .chunks(l)
             .zip(log_var.chunks(l))
             .map(|(m, lv)| {
+                // KL(N(μ, σ²) ‖ N(0, I)) = −½ Σ (1 + log σ² − μ² − σ²)
                 m.iter()
                     .zip(lv)
                     .map(|(&m, &lv)| {
@@ -435,27 +435,11 @@ impl Vae {
                     .sum()
             })
             .collect();
-        Ok(Terms { reconstruction, kl })
-    }
-
-    /// The negative ELBO of each image (reconstruction + KL, β not applied), averaged over
-    /// `draws` draws of ε.
-    pub fn neg_elbo_per_image(&mut self, images: &Images, draws: usize) -> Result<Vec<f64>> {
-        ensure(
-            draws >= 1,
-            "draws",
-            draws,
-            "average over at least one draw of ε",
-        )?;
-        let mut rng = self.eval_rng.clone();
-        let mut total = vec![0.0; images.len()];
-        for _ in 0..draws {
-            let t = self.terms(&images.x, &mut rng)?;
-            for (i, v) in total.iter_mut().enumerate() {
-                *v += (t.reconstruction[i] + t.kl[i]) / draws as f64;
-            }
+        for (row, o) in out.chunks(PIXELS).enumerate() {
+            let i = row % n;
+            let x = &images.x[i * PIXELS..(i + 1) * PIXELS];
+            total[i] += neg_log_likelihood(x, o, self.config.likelihood) / draws as f64;
         }
-        self.eval_rng = rng;
         Ok(total)
     }
 
