@@ -11,8 +11,8 @@
 //! The variational family is q(z) = N(m, s²). For it:
 //! - ELBO(q) = E_q[log p(x, z) − log q(z)] = E_q[log p(x | z)] − KL(q(z) ‖ p(z)),
 //! - log p(x) = ELBO(q) + KL(q(z) ‖ p(z | x))  (the identity the chapter checks to 1e-4),
-//! - Jensen: log E_q[w] ≥ E_q[log w] for the importance weight w = p(x, z) / q(z), with
-//!   E_q[w] = p(x) exactly, so the gap is the KL above;
+//! - Jensen: log E_q(w) ≥ E_q(log w) for the importance weight w = p(x, z) / q(z), with
+//!   E_q(w) = p(x) exactly, so the gap is the KL above;
 //! - the IWAE bound log (1/K) Σₖ wₖ, which tightens toward log p(x) as K grows.
 
 use crate::error::{ensure, Error, Result};

@@ -18,6 +18,8 @@
 //! [`Error`] that names the bad value and the fix, because in evcxr a panic loses the kernel's
 //! state.
 
+#![warn(missing_docs)]
+
 pub mod bayes;
 pub mod data;
 pub mod elbo;
