@@ -17,7 +17,7 @@
 
 use crate::error::{ensure, Error, Result};
 use crate::math::{logsumexp, normal_log_pdf, simpson};
-use crate::train::{AdamSettings, Dev, Loss, Trainer};
+use crate::train::{AdamSettings, Dev, Trainer};
 use dfdx::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -810,9 +810,6 @@ impl DiagonalFit {
         Ok(())
     }
 }
-
-/// Loss type re-exported for notebooks that write their own ELBO.
-pub type ElboLoss = Loss;
 
 #[cfg(test)]
 mod tests {
