@@ -24,6 +24,7 @@ pub mod bayes;
 pub mod data;
 pub mod elbo;
 pub mod error;
+mod kernels;
 pub mod math;
 pub mod plot;
 pub mod train;

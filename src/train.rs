@@ -282,6 +282,36 @@ pub fn parameters<M: TensorCollection<f32, Dev>>(model: &M) -> Result<Vec<f32>> 
     Ok(walk(model)?.0)
 }
 
+/// The gradient of every parameter of `model` in `grads`, flattened like [`parameters`].
+#[cfg(test)]
+pub(crate) fn gradient_of<M: TensorCollection<f32, Dev>>(
+    model: &M,
+    grads: &Gradients<f32, Dev>,
+) -> Vec<f32> {
+    struct Walk<'a>(Vec<f32>, &'a Gradients<f32, Dev>);
+    impl TensorVisitor<f32, Dev> for Walk<'_> {
+        type Viewer = ViewTensorRef;
+        type Err = CpuError;
+        type E2 = f32;
+        type D2 = Dev;
+        fn visit<S: Shape>(
+            &mut self,
+            _: TensorOptions<S, f32, Dev>,
+            t: &Tensor<S, f32, Dev>,
+        ) -> std::result::Result<Option<Tensor<S, f32, Dev>>, CpuError> {
+            self.0.extend(self.1.get(t).as_vec());
+            Ok(None)
+        }
+    }
+    let mut walk = Walk(vec![], grads);
+    // Reading CPU tensors cannot fail; an error would leave the vector short.
+    let _ = M::iter_tensors(&mut RecursiveWalker {
+        m: model,
+        f: &mut walk,
+    });
+    walk.0
+}
+
 /// The largest id among a model's parameter tensors.
 fn max_param_id<M: TensorCollection<f32, Dev>>(model: &M) -> Result<UniqueId> {
     walk(model)?

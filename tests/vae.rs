@@ -107,9 +107,13 @@ fn checkpoint_round_trip_gives_identical_outputs() {
     let x = &vae.data().test.x[..64 * 5];
     assert_eq!(loaded.reconstruct(x).unwrap(), vae.reconstruct(x).unwrap());
     assert_eq!(loaded.sample(4, 9).unwrap(), vae.sample(4, 9).unwrap());
-    // Resuming trains on from there.
+    // Resuming continues exactly as if training had never stopped (Adam's moments, the
+    // shuffling and the noise are restored).
     loaded.train(1).unwrap();
     assert_eq!(loaded.epochs_done(), 3);
+    vae.train(1).unwrap();
+    assert_eq!(loaded.step_losses, vae.step_losses);
+    assert_eq!(loaded.parameters().unwrap(), vae.parameters().unwrap());
     assert!(Vae::load(path.with_extension("missing")).is_err());
 }
 

@@ -16,6 +16,8 @@
 use crate::data::{load_digits, Batches, Digits, Images, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
 use crate::train::{AdamSettings, Dev, Trainer};
+
+mod fused;
 use dfdx::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -155,43 +157,44 @@ impl<const H: usize, const L: usize> Core<H, L> {
         })
     }
 
-    /// One Adam step on a minibatch; returns (loss, reconstruction, KL).
-    fn step(&mut self, x: Vec<f32>, config: &VaeConfig) -> Result<(f64, f64, f64)> {
+    /// The loss of a minibatch `x` with noise `eps` and its gradient, by dfdx's autodiff
+    /// (flattened like [`Trainer::parameters`]): the reference the fused step is tested against.
+    #[cfg(test)]
+    fn autodiff_gradient(
+        &mut self,
+        x: Vec<f32>,
+        eps: Vec<f32>,
+        config: &VaeConfig,
+    ) -> (f64, Vec<f32>) {
         let b = x.len() / PIXELS;
         let (beta, likelihood) = (config.beta as f32, config.likelihood);
-        let mut parts = (0.0, 0.0);
-        let loss = self.trainer.step(|net, grads, ctx| {
-            let x = ctx.dev.tensor_from_vec(x, (b, Const::<PIXELS>));
-            let eps: Vec<f32> = (0..b * L)
-                .map(|_| StandardNormal.sample(&mut *ctx.rng))
-                .collect();
-            let eps = ctx.dev.tensor_from_vec(eps, (b, Const::<L>));
-            let (trunk, mu_head, log_var_head, decoder) = net;
-            let h = trunk.forward(x.trace(grads));
-            let mu = mu_head.forward(h.with_empty_tape());
-            let log_var = log_var_head.forward(h);
-            // z = μ + σ ⊙ ε: the reparameterisation trick.
-            let z = mu.with_empty_tape() + (log_var.with_empty_tape() * 0.5).exp() * eps;
-            let out = decoder.forward(z);
-            let reconstruction = match likelihood {
-                Likelihood::Bernoulli => out.bce_with_logits(x).sum::<(usize,), _>().mean(),
-                Likelihood::Gaussian { std } => {
-                    let c =
-                        (PIXELS as f64 * (std * (2.0 * std::f64::consts::PI).sqrt()).ln()) as f32;
-                    ((out - x).square() * (0.5 / (std * std)) as f32)
-                        .sum::<(usize,), _>()
-                        .mean()
-                        + c
-                }
-            };
-            // KL(N(μ, σ²) ‖ N(0, I)) = −½ Σ (1 + log σ² − μ² − σ²), averaged over the batch.
-            let kl = ((log_var.with_empty_tape() + 1.0 - mu.square() - log_var.exp()) * -0.5)
-                .sum::<(usize,), _>()
-                .mean();
-            parts = (reconstruction.array() as f64, kl.array() as f64);
-            Ok(reconstruction + kl * beta)
-        })?;
-        Ok((loss as f64, parts.0, parts.1))
+        let dev = self.trainer.dev().clone();
+        let net = &self.trainer.model;
+        let x = dev.tensor_from_vec(x, (b, Const::<PIXELS>));
+        let eps = dev.tensor_from_vec(eps, (b, Const::<L>));
+        let (trunk, mu_head, log_var_head, decoder) = net;
+        let h = trunk.forward(x.trace(net.alloc_grads()));
+        let mu = mu_head.forward(h.with_empty_tape());
+        let log_var = log_var_head.forward(h);
+        let z = mu.with_empty_tape() + (log_var.with_empty_tape() * 0.5).exp() * eps;
+        let out = decoder.forward(z);
+        let reconstruction = match likelihood {
+            Likelihood::Bernoulli => out.bce_with_logits(x).sum::<(usize,), _>().mean(),
+            Likelihood::Gaussian { std } => {
+                let c = (PIXELS as f64 * (std * (2.0 * std::f64::consts::PI).sqrt()).ln()) as f32;
+                ((out - x).square() * (0.5 / (std * std)) as f32)
+                    .sum::<(usize,), _>()
+                    .mean()
+                    + c
+            }
+        };
+        let kl = ((log_var.with_empty_tape() + 1.0 - mu.square() - log_var.exp()) * -0.5)
+            .sum::<(usize,), _>()
+            .mean();
+        let loss = reconstruction + kl * beta;
+        let value = loss.array() as f64;
+        let grads = loss.backward();
+        (value, crate::train::gradient_of(net, &grads))
     }
 
     /// Encoder outputs (μ, log σ²) for row-major images, L values each.
@@ -246,8 +249,13 @@ enum Net_ {
 /// the next, inspect it in any. Introduced in chapter 3 (`03_vae`).
 pub struct Vae {
     config: VaeConfig,
+    /// The dfdx model: encode, decode, sample (kept equal to `fused` after every epoch).
     net: Net_,
+    /// Parameters and Adam state as the fused training step keeps them.
+    fused: fused::FusedVae,
     batches: Batches,
+    /// Draws ε for training.
+    noise_rng: StdRng,
     eval_rng: StdRng,
     data: Digits,
     /// One record per epoch trained.
@@ -279,7 +287,18 @@ impl Vae {
                 ))
             }
         };
+        let parameters = with_core!(&net, core => core.trainer.parameters())?;
+        let fused = fused::FusedVae::new(
+            config.hidden,
+            config.latent,
+            config.beta,
+            config.likelihood,
+            config.lr,
+            &parameters,
+        )?;
         Ok(Vae {
+            fused,
+            noise_rng: StdRng::seed_from_u64(config.seed ^ 0x9e37_79b9_7f4a_7c15),
             batches: Batches::new(
                 data.train.len(),
                 config.batch_size,
@@ -348,23 +367,25 @@ impl Vae {
 
     /// One pass over the training set without evaluation or a history record (the benchmark's
     /// timed loop); returns the epoch's mean loss, reconstruction and KL.
+    ///
+    /// The step runs on the fused kernels of `vae/fused.rs` (the same gradient as dfdx's
+    /// autodiff of the loss, checked by a test), on [`training_threads`] threads.
     pub fn train_epoch_only(&mut self) -> Result<(f64, f64, f64)> {
-        // Adam's second moments decay into denormal floats, whose arithmetic is ~100x slower
-        // on x86; flushing them to zero changes nothing measurable (PERF.md: same test NELBO).
-        dfdx::flush_denormals_to_zero();
-        let (mut loss, mut rec, mut kl, mut n) = (0.0, 0.0, 0.0, 0.0);
         let batches: Vec<Vec<usize>> = self.batches.epoch().collect();
-        for idx in batches {
-            let x = self.data.train.gather(&idx)?;
-            let config = self.config;
-            let (l, r, k) = with_core!(&mut self.net, core => core.step(x, &config))?;
-            self.step_losses.push(l);
-            loss += l;
-            rec += r;
-            kl += k;
-            n += 1.0;
-        }
-        Ok((loss / n, rec / n, kl / n))
+        let draws = batches.iter().map(Vec::len).sum::<usize>() * self.config.latent;
+        let eps: Vec<f32> = (0..draws)
+            .map(|_| StandardNormal.sample(&mut self.noise_rng))
+            .collect();
+        let (records, outcome) =
+            self.fused
+                .train(&self.data.train.x, &batches, &eps, training_threads());
+        self.step_losses.extend(records.iter().map(|r| r.0));
+        let trained = self.fused.parameters();
+        with_core!(&mut self.net, core => core.trainer.set_parameters(&trained))?;
+        outcome?;
+        let n = records.len().max(1) as f64;
+        let mean = |f: fn(&fused::StepParts) -> f64| records.iter().map(f).sum::<f64>() / n;
+        Ok((mean(|r| r.0), mean(|r| r.1), mean(|r| r.2)))
     }
 
     /// (μ, log σ²) of q(z | x) for row-major images (`latent` values per image each).
@@ -498,17 +519,27 @@ impl Vae {
         with_core!(&self.net, core => core.trainer.parameters())
     }
 
-    /// Saves a checkpoint (config, parameters, history) as JSON.
-    ///
-    /// Adam's moments are not saved: [`Vae::load`] resumes with fresh moments (dfdx 0.13 keeps
-    /// them private), so training resumed from a checkpoint is close to, not bit-identical with,
-    /// training that never stopped.
+    /// Adam steps taken so far.
+    pub fn steps_done(&self) -> usize {
+        self.fused.steps
+    }
+
+    /// Saves a checkpoint (config, parameters, Adam's moments, history) as JSON: training
+    /// resumed from it with [`Vae::load`] continues exactly as if it had never stopped.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
         let path = path.as_ref();
         let checkpoint = Checkpoint {
             genlab: crate::VERSION.to_string(),
             config: self.config,
             parameters: self.parameters()?,
+            adam: Some({
+                let (m, v) = self.fused.moments();
+                AdamState {
+                    m,
+                    v,
+                    steps: self.fused.steps,
+                }
+            }),
             history: self.history.clone(),
             step_losses: self.step_losses.clone(),
         };
@@ -545,9 +576,20 @@ impl Vae {
             ));
         }
         with_core!(&mut vae.net, core => core.trainer.set_parameters(&checkpoint.parameters))?;
-        // Continue the shuffling where it would be after as many epochs.
+        match &checkpoint.adam {
+            Some(a) => vae
+                .fused
+                .restore(&checkpoint.parameters, &a.m, &a.v, a.steps)?,
+            // A checkpoint without Adam's state resumes with fresh moments.
+            None => vae.fused.set_parameters(&checkpoint.parameters)?,
+        }
+        // Continue the shuffling and the noise where they would be after as many epochs.
+        let mut noise_draws = 0;
         for _ in 0..checkpoint.history.len() {
-            let _ = vae.batches.epoch().count();
+            noise_draws += vae.batches.epoch().map(|b| b.len()).sum::<usize>();
+        }
+        for _ in 0..noise_draws * vae.config.latent {
+            let _: f32 = StandardNormal.sample(&mut vae.noise_rng);
         }
         vae.history = checkpoint.history;
         vae.step_losses = checkpoint.step_losses;
@@ -560,8 +602,29 @@ struct Checkpoint {
     genlab: String,
     config: VaeConfig,
     parameters: Vec<f32>,
+    #[serde(default)]
+    adam: Option<AdamState>,
     history: Vec<EpochRecord>,
     step_losses: Vec<f64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct AdamState {
+    m: Vec<f32>,
+    v: Vec<f32>,
+    steps: usize,
+}
+
+/// Threads the VAE trains on: 2 where the machine has two cores or more (a minibatch of 100 is
+/// cut in two halves; more threads would wait more than they work), else 1. Set
+/// `GENLAB_THREADS=1` to force one. The result is the same for any number of threads.
+pub fn training_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let wanted = std::env::var("GENLAB_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(2);
+    wanted.clamp(1, 2).min(cores)
 }
 
 /// −log p(x | decoder output) summed over the pixels of one image.
@@ -593,4 +656,95 @@ fn check_rows(what: &str, values: &[f32], width: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused step's loss and gradient against dfdx's autodiff of the same loss, at the
+    /// initial weights and after some training, for several sizes, likelihoods, β and an odd
+    /// batch (halves of unequal size).
+    #[test]
+    fn fused_gradient_equals_dfdx_autodiff() {
+        let cases = [
+            (VaeConfig::default(), 100, 0),
+            (VaeConfig::default(), 100, 3),
+            (
+                VaeConfig {
+                    hidden: 128,
+                    latent: 2,
+                    beta: 2.0,
+                    batch_size: 7,
+                    ..VaeConfig::default()
+                },
+                7,
+                1,
+            ),
+            (
+                VaeConfig {
+                    latent: 16,
+                    likelihood: Likelihood::Gaussian { std: 0.3 },
+                    batch_size: 33,
+                    ..VaeConfig::default()
+                },
+                33,
+                2,
+            ),
+        ];
+        for (config, b, epochs) in cases {
+            let mut vae = Vae::new(config).unwrap();
+            vae.verbose = false;
+            vae.train(epochs).unwrap();
+            let idx: Vec<usize> = (0..b).map(|i| (i * 37) % vae.data.train.len()).collect();
+            let x = vae.data.train.gather(&idx).unwrap();
+            let mut rng = StdRng::seed_from_u64(9);
+            let eps: Vec<f32> = (0..b * config.latent)
+                .map(|_| StandardNormal.sample(&mut rng))
+                .collect();
+            let (loss, grad) = vae.fused.gradient(&x, &eps);
+            let (want_loss, want) = with_core!(&mut vae.net, core => core.autodiff_gradient(x.clone(), eps.clone(), &config));
+            assert_eq!(grad.len(), want.len());
+            assert!(
+                (loss - want_loss).abs() < 1e-4 * want_loss.abs(),
+                "{config:?}: loss {loss} vs dfdx {want_loss}"
+            );
+            let scale = want.iter().fold(0.0f32, |m, g| m.max(g.abs()));
+            let worst = grad
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst < 1e-4 * scale,
+                "{config:?} after {epochs} epochs: gradient differs by {worst} (largest |g| {scale})"
+            );
+            let nonzero = grad.iter().filter(|g| **g != 0.0).count();
+            eprintln!(
+                "{config:?}: loss {loss:.5}, worst {worst:e} of {scale:e}, {nonzero}/{} nonzero",
+                grad.len()
+            );
+            assert!(
+                nonzero > grad.len() / 4,
+                "the comparison must cover most parameters"
+            );
+        }
+    }
+
+    /// Two threads and one give bit-identical training.
+    #[test]
+    fn one_or_two_threads_train_identically() {
+        let mut runs = vec![];
+        for threads in [1, 2] {
+            let mut vae = Vae::new(VaeConfig::default()).unwrap();
+            let batches: Vec<Vec<usize>> = vae.batches.epoch().collect();
+            let eps: Vec<f32> = (0..batches.len() * 100 * 8)
+                .map(|_| StandardNormal.sample(&mut vae.noise_rng))
+                .collect();
+            let (records, outcome) = vae.fused.train(&vae.data.train.x, &batches, &eps, threads);
+            outcome.unwrap();
+            runs.push((records, vae.fused.parameters()));
+        }
+        assert_eq!(runs[0], runs[1]);
+    }
 }

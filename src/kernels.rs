@@ -1,0 +1,566 @@
+//! Hand-fused CPU kernels for the training loops that must be fast: a packed matrix multiply
+//! with the layer's bias, ReLU or ReLU-mask folded into its output, column sums, Adam over flat
+//! buffers, and a spin barrier for two threads that meet a few times per step.
+//!
+//! Why they exist: W1's VAE does ~99 MFLOP of matrix multiply per step on 100-row matrices. In
+//! idiomatic dfdx (and in PyTorch) most of a step is per-op overhead (allocation, strided
+//! elementwise loops, bias broadcasts, thread wake-ups); see `PERF.md` in the developer notes.
+//! These kernels compute the same equations with no allocation inside a step.
+//!
+//! # The matrix multiply
+//! C (m × n) = A (m × k) · B (k × n), then an [`Epilogue`] on each output element. A is read
+//! in place through strides (so A or Aᵀ of a row-major buffer both work); B is packed into
+//! panels of 16 columns, each panel k × 16 contiguous, so the inner loop streams it from L1.
+//! The inner kernel keeps a 6 × 16 tile of C in twelve AVX2 registers and does 12 fused
+//! multiply-adds per k (on x86-64 with AVX2 + FMA, detected at run time; elsewhere a portable
+//! loop the compiler vectorises).
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+/// Rows of C one kernel call computes.
+const MR: usize = 6;
+/// Columns of a B panel (two AVX2 registers of 8 floats).
+pub(crate) const NR: usize = 16;
+
+/// A read in place: element (i, p) is `data[i * rs + p * cs]`.
+#[derive(Clone, Copy)]
+pub(crate) struct StridedA<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> StridedA<'a> {
+    /// A row-major matrix with `k` columns.
+    pub fn rows(data: &'a [f32], k: usize) -> Self {
+        StridedA { data, rs: k, cs: 1 }
+    }
+    /// The transpose of a row-major matrix with `m` columns: Aᵀ(i, p) = data[p·m + i].
+    pub fn transposed(data: &'a [f32], m: usize) -> Self {
+        StridedA { data, rs: 1, cs: m }
+    }
+}
+
+/// What happens to each element c = Σₚ A(i, p) B(p, j) before it is stored.
+#[derive(Clone, Copy)]
+pub(crate) enum Epilogue<'a> {
+    /// C(i, j) = c.
+    Store,
+    /// C(i, j) = c + bias(j): a linear layer.
+    Bias(&'a [f32]),
+    /// C(i, j) = max(c + bias(j), 0): a linear layer and its ReLU.
+    BiasRelu(&'a [f32]),
+    /// C(i, j) = c if H(i, j) > 0 else 0, H with C's layout: back-propagation through a ReLU
+    /// whose output was H.
+    ReluMask(&'a [f32]),
+}
+
+/// Size of `n` columns rounded up to whole panels.
+pub(crate) fn panel_cols(n: usize) -> usize {
+    n.div_ceil(NR) * NR
+}
+
+/// Packs B (k × n), B(p, j) = `src[p * rs + j * cs]`, into `dst` as panels of [`NR`] columns
+/// (panel q holds rows 0..k of columns 16q..16q+16, row after row). Columns past n are zero.
+pub(crate) fn pack_b(src: &[f32], rs: usize, cs: usize, k: usize, n: usize, dst: &mut [f32]) {
+    debug_assert!(dst.len() >= k * panel_cols(n));
+    if k == 0 {
+        return;
+    }
+    for (q, panel) in dst
+        .chunks_exact_mut(k * NR)
+        .take(n.div_ceil(NR))
+        .enumerate()
+    {
+        let j0 = q * NR;
+        let width = NR.min(n - j0);
+        for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
+            if cs == 1 {
+                let start = p * rs + j0;
+                row[..width].copy_from_slice(&src[start..start + width]);
+            } else {
+                for (jj, v) in row[..width].iter_mut().enumerate() {
+                    *v = src[p * rs + (j0 + jj) * cs];
+                }
+            }
+            row[width..].fill(0.0);
+        }
+    }
+}
+
+/// Packs rows `r0..r0 + rows.len() / inp` of a row-major weight matrix W (out × inp), given
+/// as `rows`, into both packings a linear layer needs: `fwd` = the panels of Wᵀ (inp × out,
+/// for the forward pass x·Wᵀ) and `bwd` = the panels of W (out × inp, for the input gradient
+/// dy·W), each of [`pack_b`]'s layout.
+///
+/// # Safety
+/// `fwd` must point to `inp · panel_cols(out)` floats and `bwd` to `out · panel_cols(inp)`.
+/// Only the entries of these rows are written, so threads may pack disjoint row ranges of one
+/// matrix at the same time (and nothing may read those entries meanwhile).
+pub(crate) unsafe fn pack_weight_rows(
+    rows: &[f32],
+    r0: usize,
+    inp: usize,
+    out: usize,
+    fwd: *mut f32,
+    bwd: *mut f32,
+) {
+    for (dr, row) in rows.chunks_exact(inp).enumerate() {
+        let r = r0 + dr;
+        debug_assert!(r < out);
+        // Forward panels: column r of Wᵀ lives in panel r / 16, lane r % 16.
+        let base = (r / NR) * inp * NR + r % NR;
+        for (p, &v) in row.iter().enumerate() {
+            *fwd.add(base + p * NR) = v;
+        }
+        // Backward panels: row r of W, cut into 16-column pieces.
+        for (q, piece) in row.chunks(NR).enumerate() {
+            let at = q * out * NR + r * NR;
+            std::ptr::copy_nonoverlapping(piece.as_ptr(), bwd.add(at), piece.len());
+        }
+    }
+}
+
+/// C (m × n, row stride `ldc`) = A (m × k) · B (k × n, packed by [`pack_b`]), then `epi`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: StridedA<'_>,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    debug_assert!(b.len() >= k * panel_cols(n));
+    debug_assert!(c.len() >= (m - 1) * ldc + n);
+    debug_assert!(k == 0 || a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        // SAFETY: the CPU has AVX2 and FMA (checked above); the bounds are checked above
+        // (debug) and by construction of every caller in this crate.
+        unsafe { gemm_avx2(m, n, k, a, b, c, ldc, epi) };
+        return;
+    }
+    gemm_portable(m, n, k, a, b, c, ldc, epi);
+}
+
+#[allow(clippy::too_many_arguments)]
+fn gemm_portable(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: StridedA<'_>,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+) {
+    for q in 0..n.div_ceil(NR) {
+        let panel = &b[q * k * NR..(q + 1) * k * NR];
+        for i0 in (0..m).step_by(MR) {
+            let rows = MR.min(m - i0);
+            let mut acc = [[0.0f32; NR]; MR];
+            for p in 0..k {
+                let brow = &panel[p * NR..(p + 1) * NR];
+                for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
+                    let x = a.data[(i0 + r) * a.rs + p * a.cs];
+                    for (cv, &bv) in acc_r.iter_mut().zip(brow) {
+                        *cv += x * bv;
+                    }
+                }
+            }
+            finish_tile(&acc, c, ldc, i0, q * NR, rows, NR.min(n - q * NR), epi);
+        }
+    }
+}
+
+/// Applies the epilogue to a finished tile and stores its `rows × cols` valid part.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn finish_tile(
+    acc: &[[f32; NR]; MR],
+    c: &mut [f32],
+    ldc: usize,
+    i0: usize,
+    j0: usize,
+    rows: usize,
+    cols: usize,
+    epi: Epilogue<'_>,
+) {
+    for (r, acc_r) in acc.iter().enumerate().take(rows) {
+        let at = (i0 + r) * ldc + j0;
+        let out = &mut c[at..at + cols];
+        let acc_r = &acc_r[..cols];
+        match epi {
+            Epilogue::Store => out.copy_from_slice(acc_r),
+            Epilogue::Bias(bias) => {
+                for ((o, &v), &bb) in out.iter_mut().zip(acc_r).zip(&bias[j0..j0 + cols]) {
+                    *o = v + bb;
+                }
+            }
+            Epilogue::BiasRelu(bias) => {
+                for ((o, &v), &bb) in out.iter_mut().zip(acc_r).zip(&bias[j0..j0 + cols]) {
+                    *o = (v + bb).max(0.0);
+                }
+            }
+            Epilogue::ReluMask(h) => {
+                for ((o, &v), &hh) in out.iter_mut().zip(acc_r).zip(&h[at..at + cols]) {
+                    *o = if hh > 0.0 { v } else { 0.0 };
+                }
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_avx2(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: StridedA<'_>,
+    b: &[f32],
+    c: &mut [f32],
+    ldc: usize,
+    epi: Epilogue<'_>,
+) {
+    use std::arch::x86_64::*;
+    let ap = a.data.as_ptr();
+    for q in 0..n.div_ceil(NR) {
+        let panel = b.as_ptr().add(q * k * NR);
+        for i0 in (0..m).step_by(MR) {
+            let rows = MR.min(m - i0);
+            // Rows past m re-read the last valid row (never stored), so no load is out of
+            // bounds and the loop has no branches.
+            let mut off = [0usize; MR];
+            for (r, o) in off.iter_mut().enumerate() {
+                *o = (i0 + r.min(rows - 1)) * a.rs;
+            }
+            let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+            let mut pa = 0usize;
+            let mut pb = panel;
+            for _ in 0..k {
+                let b0 = _mm256_loadu_ps(pb);
+                let b1 = _mm256_loadu_ps(pb.add(8));
+                for r in 0..MR {
+                    let x = _mm256_broadcast_ss(&*ap.add(off[r] + pa));
+                    acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
+                    acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
+                }
+                pa += a.cs;
+                pb = pb.add(NR);
+            }
+            let mut tile = [[0.0f32; NR]; MR];
+            for r in 0..MR {
+                _mm256_storeu_ps(tile[r].as_mut_ptr(), acc[r][0]);
+                _mm256_storeu_ps(tile[r].as_mut_ptr().add(8), acc[r][1]);
+            }
+            finish_tile(&tile, c, ldc, i0, q * NR, rows, NR.min(n - q * NR), epi);
+        }
+    }
+}
+
+/// Whether this CPU runs the AVX2 + FMA kernels (checked once).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    use std::sync::OnceLock;
+    static HAS: OnceLock<bool> = OnceLock::new();
+    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// Runs `f` compiled for AVX2 + FMA where the CPU has them (so its loops vectorise 8 wide),
+/// and as plain code elsewhere.
+#[inline(always)]
+pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+            f()
+        }
+        // SAFETY: the CPU has AVX2 and FMA.
+        return unsafe { wide(f) };
+    }
+    f()
+}
+
+/// db(j) = Σᵢ dY(i, j): the bias gradient, a column sum of the m × n output gradient.
+pub(crate) fn column_sums(dy: &[f32], n: usize, db: &mut [f32]) {
+    vectorised(|| {
+        db.fill(0.0);
+        for row in dy.chunks_exact(n) {
+            for (d, &v) in db.iter_mut().zip(row) {
+                *d += v;
+            }
+        }
+    })
+}
+
+/// Adam's settings and step count, for [`adam_update`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamStep {
+    /// Learning rate.
+    pub lr: f32,
+    /// First-moment decay β₁.
+    pub beta1: f32,
+    /// Second-moment decay β₂.
+    pub beta2: f32,
+    /// ε added to √v̂.
+    pub eps: f32,
+    /// This step's number t, from 1.
+    pub t: i32,
+}
+
+/// One Adam step on a slice of parameters whose gradient is the sum g = g₀ + g₁ of two partial
+/// gradients (the two halves of a minibatch):
+/// m ← β₁ m + (1 − β₁) g,  v ← β₂ v + (1 − β₂) g²,
+/// θ ← θ − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)  (PyTorch's arrangement).
+pub(crate) fn adam_update(
+    s: AdamStep,
+    theta: &mut [f32],
+    m: &mut [f32],
+    v: &mut [f32],
+    g0: &[f32],
+    g1: &[f32],
+) {
+    let step = s.lr / (1.0 - s.beta1.powi(s.t));
+    let inv_sqrt_bc2 = 1.0 / (1.0 - s.beta2.powi(s.t)).sqrt();
+    let (b1, b2, c1, c2, eps) = (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.eps);
+    vectorised(|| {
+        let n = theta.len();
+        let (m, v, g0, g1) = (&mut m[..n], &mut v[..n], &g0[..n], &g1[..n]);
+        for i in 0..n {
+            let g = g0[i] + g1[i];
+            let mi = b1 * m[i] + c1 * g;
+            let vi = b2 * v[i] + c2 * g * g;
+            m[i] = mi;
+            v[i] = vi;
+            theta[i] -= step * mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
+        }
+    })
+}
+
+/// A barrier for a fixed set of threads that spins (then yields) instead of sleeping: the
+/// threads meet twice per training step, ~1 ms apart, where a sleeping barrier's wake-up
+/// would cost as much as the work.
+pub(crate) struct SpinBarrier {
+    threads: usize,
+    arrived: AtomicUsize,
+    generation: AtomicUsize,
+    poisoned: AtomicBool,
+}
+
+/// A thread stopped without reaching the barrier (it panicked); the others give up waiting.
+#[derive(Debug)]
+pub(crate) struct Poisoned;
+
+impl SpinBarrier {
+    pub fn new(threads: usize) -> Self {
+        SpinBarrier {
+            threads,
+            arrived: AtomicUsize::new(0),
+            generation: AtomicUsize::new(0),
+            poisoned: AtomicBool::new(false),
+        }
+    }
+
+    /// Waits until every thread has called `wait`; everything written before the call by any
+    /// thread is visible after it to all of them.
+    pub fn wait(&self) -> Result<(), Poisoned> {
+        let generation = self.generation.load(Ordering::Acquire);
+        if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            self.arrived.store(0, Ordering::Relaxed);
+            self.generation.fetch_add(1, Ordering::AcqRel);
+            return Ok(());
+        }
+        let mut spins = 0u32;
+        while self.generation.load(Ordering::Acquire) == generation {
+            if self.poisoned.load(Ordering::Relaxed) {
+                return Err(Poisoned);
+            }
+            spins += 1;
+            if spins < 20_000 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Marks the barrier poisoned when dropped during a panic (hold one per thread).
+    pub fn guard(&self) -> PoisonOnPanic<'_> {
+        PoisonOnPanic(self)
+    }
+}
+
+/// See [`SpinBarrier::guard`].
+pub(crate) struct PoisonOnPanic<'a>(&'a SpinBarrier);
+
+impl Drop for PoisonOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.poisoned.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(m: usize, n: usize, k: usize, a: StridedA<'_>, b: &[f32], ldb: usize) -> Vec<f32> {
+        let mut c = vec![0.0f32; m * n];
+        for i in 0..m {
+            for j in 0..n {
+                let mut s = 0.0f64;
+                for p in 0..k {
+                    s += a.data[i * a.rs + p * a.cs] as f64 * b[p * ldb + j] as f64;
+                }
+                c[i * n + j] = s as f32;
+            }
+        }
+        c
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
+                (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+            })
+            .collect()
+    }
+
+    #[test]
+    fn gemm_matches_the_definition_for_every_shape_and_epilogue() {
+        for &(m, n, k) in &[
+            (1, 1, 1),
+            (7, 8, 3),
+            (50, 256, 64),
+            (13, 40, 17),
+            (6, 16, 0),
+        ] {
+            let a = values(m * k, 1);
+            let b = values(k * n, 2);
+            let bias = values(n, 3);
+            let h = values(m * n, 4);
+            let mut packed = vec![0.0; k * panel_cols(n)];
+            pack_b(&b, n, 1, k, n, &mut packed);
+            let want = naive(m, n, k, StridedA::rows(&a, k), &b, n);
+            // Aᵀ read in place gives the same product when A is stored transposed.
+            let mut at = vec![0.0; m * k];
+            for i in 0..m {
+                for p in 0..k {
+                    at[p * m + i] = a[i * k + p];
+                }
+            }
+            for (ai, av) in [StridedA::rows(&a, k), StridedA::transposed(&at, m)]
+                .into_iter()
+                .enumerate()
+            {
+                for (ei, epi) in [
+                    Epilogue::Store,
+                    Epilogue::Bias(&bias),
+                    Epilogue::BiasRelu(&bias),
+                    Epilogue::ReluMask(&h),
+                ]
+                .into_iter()
+                .enumerate()
+                {
+                    let mut c = vec![f32::NAN; m * n];
+                    gemm(m, n, k, av, &packed, &mut c, n, epi);
+                    for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
+                        let (j, w) = (idx % n, w);
+                        let expect = match ei {
+                            0 => w,
+                            1 => w + bias[j],
+                            2 => (w + bias[j]).max(0.0),
+                            _ => {
+                                if h[idx] > 0.0 {
+                                    w
+                                } else {
+                                    0.0
+                                }
+                            }
+                        };
+                        assert!(
+                            (got - expect).abs() <= 1e-5 * (1.0 + expect.abs()),
+                            "m={m} n={n} k={k} a#{ai} epi#{ei} [{idx}]: {got} vs {expect}"
+                        );
+                    }
+                    let mut p = vec![f32::NAN; m * n];
+                    gemm_portable(m, n, k, av, &packed, &mut p, n, epi);
+                    for (x, y) in p.iter().zip(&c) {
+                        assert!((x - y).abs() <= 1e-5 * (1.0 + y.abs()));
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn weight_packing_equals_generic_packing() {
+        let (inp, out) = (40, 24);
+        let w = values(inp * out, 5);
+        let mut fwd = vec![0.0; inp * panel_cols(out)];
+        let mut bwd = vec![0.0; out * panel_cols(inp)];
+        let (pf, pb) = (fwd.as_mut_ptr(), bwd.as_mut_ptr());
+        // SAFETY: the buffers have the sizes pack_weight_rows needs.
+        unsafe {
+            pack_weight_rows(&w[..10 * inp], 0, inp, out, pf, pb);
+            pack_weight_rows(&w[10 * inp..], 10, inp, out, pf, pb);
+        }
+        let mut f2 = vec![0.0; fwd.len()];
+        let mut b2 = vec![0.0; bwd.len()];
+        pack_b(&w, 1, inp, inp, out, &mut f2);
+        pack_b(&w, inp, 1, out, inp, &mut b2);
+        assert_eq!(fwd, f2);
+        assert_eq!(bwd, b2);
+    }
+
+    #[test]
+    fn adam_matches_its_equations() {
+        let s = AdamStep {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 1,
+        };
+        let (mut th, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.0; 2], vec![0.0; 2]);
+        adam_update(s, &mut th, &mut m, &mut v, &[0.5, -1.0], &[0.5, 3.0]);
+        // Step 1: m̂ = g, v̂ = g², so θ moves by lr·sign(g).
+        assert!(
+            (th[0] - 0.9).abs() < 1e-6 && (th[1] + 2.1).abs() < 1e-6,
+            "{th:?}"
+        );
+        assert!((m[0] - 0.1).abs() < 1e-7 && (v[1] - 0.004).abs() < 1e-7);
+    }
+
+    #[test]
+    fn barrier_orders_two_threads() {
+        let barrier = SpinBarrier::new(2);
+        let cell = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for i in 0..1000 {
+                    cell.store(i, Ordering::Relaxed);
+                    barrier.wait().unwrap();
+                    barrier.wait().unwrap();
+                }
+            });
+            for i in 0..1000 {
+                barrier.wait().unwrap();
+                assert_eq!(cell.load(Ordering::Relaxed), i);
+                barrier.wait().unwrap();
+            }
+        });
+    }
+}
