@@ -11,33 +11,75 @@
 //! C (m × n) = A (m × k) · B (k × n), then an [`Epilogue`] on each output element. A is read
 //! in place through strides (so A or Aᵀ of a row-major buffer both work); B is packed into
 //! panels of 16 columns, each panel k × 16 contiguous, so the inner loop streams it from L1.
-//! The inner kernel keeps a 6 × 16 tile of C in twelve AVX2 registers and does 12 fused
+//! The inner kernel keeps a 5 × 16 tile of C in ten AVX2 registers and does 10 fused
 //! multiply-adds per k (on x86-64 with AVX2 + FMA, detected at run time; elsewhere a portable
 //! loop the compiler vectorises).
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 /// Rows of C one kernel call computes.
-const MR: usize = 6;
+pub(crate) const MR: usize = 5;
 /// Columns of a B panel (two AVX2 registers of 8 floats).
 pub(crate) const NR: usize = 16;
 
-/// A read in place: element (i, p) is `data[i * rs + p * cs]`.
+/// A read in place: in the tile of rows i0..i0 + MR, element (i, p) is
+/// `data[i0 * ts + (i − i0) * rs + p * cs]` (for a plain strided matrix ts = rs).
 #[derive(Clone, Copy)]
 pub(crate) struct StridedA<'a> {
     pub data: &'a [f32],
     pub rs: usize,
     pub cs: usize,
+    pub ts: usize,
 }
 
 impl<'a> StridedA<'a> {
     /// A row-major matrix with `k` columns.
     pub fn rows(data: &'a [f32], k: usize) -> Self {
-        StridedA { data, rs: k, cs: 1 }
+        StridedA {
+            data,
+            rs: k,
+            cs: 1,
+            ts: k,
+        }
     }
-    /// The transpose of a row-major matrix with `m` columns: Aᵀ(i, p) = data[p·m + i].
-    pub fn transposed(data: &'a [f32], m: usize) -> Self {
-        StridedA { data, rs: 1, cs: m }
+
+    /// A matrix with k columns packed by [`pack_a_transposed`].
+    pub fn packed(data: &'a [f32], k: usize) -> Self {
+        StridedA {
+            data,
+            rs: 1,
+            cs: MR,
+            ts: k,
+        }
+    }
+}
+
+/// Packs A = columns `c0..c0 + m` of a row-major k × n matrix D, transposed (A(i, p) =
+/// D(p, c0 + i)), into tiles of [`MR`] rows, each k × MR contiguous: the layout
+/// [`StridedA::packed`] reads, so the kernel's loads of A are sequential.
+pub(crate) fn pack_a_transposed(
+    d: &[f32],
+    n: usize,
+    c0: usize,
+    m: usize,
+    k: usize,
+    dst: &mut [f32],
+) {
+    debug_assert!(dst.len() >= m.div_ceil(MR) * MR * k);
+    for p in 0..k {
+        let row = &d[p * n + c0..p * n + c0 + m];
+        let (whole, rest) = row.as_chunks::<MR>();
+        for (t, piece) in whole.iter().enumerate() {
+            let at = t * k * MR + p * MR;
+            // A fixed-size copy: no call to memcpy.
+            if let Ok(to) = <&mut [f32; MR]>::try_from(&mut dst[at..at + MR]) {
+                *to = *piece;
+            }
+        }
+        if !rest.is_empty() {
+            let at = whole.len() * k * MR + p * MR;
+            dst[at..at + rest.len()].copy_from_slice(rest);
+        }
     }
 }
 
@@ -53,6 +95,54 @@ pub(crate) enum Epilogue<'a> {
     /// C(i, j) = c if H(i, j) > 0 else 0, H with C's layout: back-propagation through a ReLU
     /// whose output was H.
     ReluMask(&'a [f32]),
+    /// c is the gradient of parameter (i, j): one Adam step on it, nothing stored in C.
+    Adam(&'a AdamRows),
+}
+
+/// Parameters θ and Adam's moments m, v of a row-major block (row stride `ld`) that a
+/// gradient C updates in place through [`Epilogue::Adam`].
+pub(crate) struct AdamRows {
+    pub theta: *mut f32,
+    pub m: *mut f32,
+    pub v: *mut f32,
+    pub ld: usize,
+    pub step: AdamConsts,
+}
+
+/// Adam's update for step t, its constants folded (see [`adam_update`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct AdamConsts {
+    b1: f32,
+    b2: f32,
+    c1: f32,
+    c2: f32,
+    lr_t: f32,
+    inv_sqrt_bc2: f32,
+    eps: f32,
+}
+
+impl AdamConsts {
+    pub fn new(s: AdamStep) -> Self {
+        AdamConsts {
+            b1: s.beta1,
+            b2: s.beta2,
+            c1: 1.0 - s.beta1,
+            c2: 1.0 - s.beta2,
+            lr_t: s.lr / (1.0 - s.beta1.powi(s.t)),
+            inv_sqrt_bc2: 1.0 / (1.0 - s.beta2.powi(s.t)).sqrt(),
+            eps: s.eps,
+        }
+    }
+
+    /// One parameter's step. No fused multiply-adds: the vector form gives the same bits.
+    #[inline(always)]
+    fn apply(&self, g: f32, theta: &mut f32, m: &mut f32, v: &mut f32) {
+        let mi = self.b1 * *m + self.c1 * g;
+        let vi = self.b2 * *v + self.c2 * (g * g);
+        *m = mi;
+        *v = vi;
+        *theta -= self.lr_t * mi / (vi.sqrt() * self.inv_sqrt_bc2 + self.eps);
+    }
 }
 
 /// Size of `n` columns rounded up to whole panels.
@@ -62,6 +152,7 @@ pub(crate) fn panel_cols(n: usize) -> usize {
 
 /// Packs B (k × n), B(p, j) = `src[p * rs + j * cs]`, into `dst` as panels of [`NR`] columns
 /// (panel q holds rows 0..k of columns 16q..16q+16, row after row). Columns past n are zero.
+#[cfg(test)]
 pub(crate) fn pack_b(src: &[f32], rs: usize, cs: usize, k: usize, n: usize, dst: &mut [f32]) {
     debug_assert!(dst.len() >= k * panel_cols(n));
     if k == 0 {
@@ -74,8 +165,13 @@ pub(crate) fn pack_b(src: &[f32], rs: usize, cs: usize, k: usize, n: usize, dst:
     {
         let j0 = q * NR;
         let width = NR.min(n - j0);
-        for (p, row) in panel.chunks_exact_mut(NR).enumerate() {
-            if cs == 1 {
+        for (p, row) in panel.as_chunks_mut::<NR>().0.iter_mut().enumerate() {
+            if cs == 1 && width == NR {
+                // A fixed-size copy, which compiles to two vector moves (not a memcpy call).
+                let start = p * rs + j0;
+                row.copy_from_slice(&src[start..start + NR]);
+                continue;
+            } else if cs == 1 {
                 let start = p * rs + j0;
                 row[..width].copy_from_slice(&src[start..start + width]);
             } else {
@@ -84,6 +180,28 @@ pub(crate) fn pack_b(src: &[f32], rs: usize, cs: usize, k: usize, n: usize, dst:
                 }
             }
             row[width..].fill(0.0);
+        }
+    }
+}
+
+/// Writes rows `i0..` (given as `rows`, `n` values each) of a k × n matrix B into its packed
+/// panels at `dst` ([`pack_b`]'s layout for the whole matrix), zero-filling the padding lanes.
+///
+/// # Safety
+/// `dst` must point to `k · panel_cols(n)` floats, `i0 + rows.len() / n <= k`, and nothing else
+/// may access these rows' entries meanwhile (other rows may be written by other threads).
+pub(crate) unsafe fn pack_b_rows(rows: &[f32], i0: usize, k: usize, n: usize, dst: *mut f32) {
+    for (di, row) in rows.chunks_exact(n).enumerate() {
+        let i = i0 + di;
+        debug_assert!(i < k);
+        for (q, piece) in row.chunks(NR).enumerate() {
+            let at = dst.add(q * k * NR + i * NR);
+            if piece.len() == NR {
+                std::ptr::copy_nonoverlapping(piece.as_ptr(), at, NR);
+            } else {
+                std::ptr::copy_nonoverlapping(piece.as_ptr(), at, piece.len());
+                std::ptr::write_bytes(at.add(piece.len()), 0, NR - piece.len());
+            }
         }
     }
 }
@@ -113,12 +231,9 @@ pub(crate) unsafe fn pack_weight_rows(
         for (p, &v) in row.iter().enumerate() {
             *fwd.add(base + p * NR) = v;
         }
-        // Backward panels: row r of W, cut into 16-column pieces.
-        for (q, piece) in row.chunks(NR).enumerate() {
-            let at = q * out * NR + r * NR;
-            std::ptr::copy_nonoverlapping(piece.as_ptr(), bwd.add(at), piece.len());
-        }
     }
+    // Backward panels: the rows of W as they are.
+    pack_b_rows(rows, r0, out, inp, bwd);
 }
 
 /// C (m × n, row stride `ldc`) = A (m × k) · B (k × n, packed by [`pack_b`]), then `epi`.
@@ -137,8 +252,8 @@ pub(crate) fn gemm(
         return;
     }
     debug_assert!(b.len() >= k * panel_cols(n));
-    debug_assert!(c.len() >= (m - 1) * ldc + n);
-    debug_assert!(k == 0 || a.data.len() > (m - 1) * a.rs + (k - 1) * a.cs);
+    debug_assert!(matches!(epi, Epilogue::Adam(_)) || c.len() >= (m - 1) * ldc + n);
+    debug_assert!(k == 0 || a.data.len() > (m - 1) / MR * MR * a.ts + (k - 1) * a.cs);
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: the CPU has AVX2 and FMA (checked above); the bounds are checked above
@@ -168,7 +283,7 @@ fn gemm_portable(
             for p in 0..k {
                 let brow = &panel[p * NR..(p + 1) * NR];
                 for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
-                    let x = a.data[(i0 + r) * a.rs + p * a.cs];
+                    let x = a.data[i0 * a.ts + r * a.rs + p * a.cs];
                     for (cv, &bv) in acc_r.iter_mut().zip(brow) {
                         *cv += x * bv;
                     }
@@ -194,9 +309,25 @@ fn finish_tile(
 ) {
     for (r, acc_r) in acc.iter().enumerate().take(rows) {
         let at = (i0 + r) * ldc + j0;
-        let out = &mut c[at..at + cols];
         let acc_r = &acc_r[..cols];
+        if let Epilogue::Adam(a) = epi {
+            let at = (i0 + r) * a.ld + j0;
+            for (jj, &g) in acc_r.iter().enumerate() {
+                // SAFETY: the caller of `gemm` gives θ, m, v covering C's shape.
+                unsafe {
+                    a.step.apply(
+                        g,
+                        &mut *a.theta.add(at + jj),
+                        &mut *a.m.add(at + jj),
+                        &mut *a.v.add(at + jj),
+                    )
+                };
+            }
+            continue;
+        }
+        let out = &mut c[at..at + cols];
         match epi {
+            Epilogue::Adam(_) => {}
             Epilogue::Store => out.copy_from_slice(acc_r),
             Epilogue::Bias(bias) => {
                 for ((o, &v), &bb) in out.iter_mut().zip(acc_r).zip(&bias[j0..j0 + cols]) {
@@ -240,12 +371,39 @@ unsafe fn gemm_avx2(
             // bounds and the loop has no branches.
             let mut off = [0usize; MR];
             for (r, o) in off.iter_mut().enumerate() {
-                *o = (i0 + r.min(rows - 1)) * a.rs;
+                *o = i0 * a.ts + r.min(rows - 1) * a.rs;
             }
+            if let Epilogue::Adam(a) = epi {
+                // Ask for the next tile's θ, m, v now: they come from L3 while this tile's
+                // multiply-adds run.
+                let (ni, nq) = if i0 + MR < m {
+                    (i0 + MR, q)
+                } else {
+                    (0, q + 1)
+                };
+                if nq * NR < n {
+                    for r in 0..MR.min(m - ni) {
+                        let at = (ni + r) * a.ld + nq * NR;
+                        for base in [a.theta, a.m, a.v] {
+                            _mm_prefetch::<_MM_HINT_T0>(base.add(at) as *const i8);
+                            _mm_prefetch::<_MM_HINT_T0>(base.add(at + NR - 1) as *const i8);
+                        }
+                    }
+                }
+            }
+            // The first tile of a panel also asks for the next panel, one line per k, so that
+            // it is in cache when the next tiles start on it.
+            let mut pf = if i0 == 0 && (q + 1) * NR < n {
+                panel.add(k * NR)
+            } else {
+                panel
+            };
             let mut acc = [[_mm256_setzero_ps(); 2]; MR];
             let mut pa = 0usize;
             let mut pb = panel;
             for _ in 0..k {
+                _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
+                pf = pf.add(NR);
                 let b0 = _mm256_loadu_ps(pb);
                 let b1 = _mm256_loadu_ps(pb.add(8));
                 for r in 0..MR {
@@ -256,12 +414,79 @@ unsafe fn gemm_avx2(
                 pa += a.cs;
                 pb = pb.add(NR);
             }
+            let cols = NR.min(n - q * NR);
+            if rows == MR && cols == NR {
+                // A whole tile: the epilogue in registers, stored straight to C.
+                let j0 = q * NR;
+                let cp = c.as_mut_ptr().add(i0 * ldc + j0);
+                match epi {
+                    Epilogue::Store => {}
+                    Epilogue::Bias(bias) | Epilogue::BiasRelu(bias) => {
+                        let b0 = _mm256_loadu_ps(bias.as_ptr().add(j0));
+                        let b1 = _mm256_loadu_ps(bias.as_ptr().add(j0 + 8));
+                        let relu = matches!(epi, Epilogue::BiasRelu(_));
+                        let zero = _mm256_setzero_ps();
+                        for acc_r in acc.iter_mut() {
+                            acc_r[0] = _mm256_add_ps(acc_r[0], b0);
+                            acc_r[1] = _mm256_add_ps(acc_r[1], b1);
+                            if relu {
+                                acc_r[0] = _mm256_max_ps(acc_r[0], zero);
+                                acc_r[1] = _mm256_max_ps(acc_r[1], zero);
+                            }
+                        }
+                    }
+                    Epilogue::Adam(a) => {
+                        let s = a.step;
+                        let (b1, b2) = (_mm256_set1_ps(s.b1), _mm256_set1_ps(s.b2));
+                        let (c1, c2) = (_mm256_set1_ps(s.c1), _mm256_set1_ps(s.c2));
+                        let lr_t = _mm256_set1_ps(s.lr_t);
+                        let inv = _mm256_set1_ps(s.inv_sqrt_bc2);
+                        let eps = _mm256_set1_ps(s.eps);
+                        for (r, acc_r) in acc.iter().enumerate() {
+                            for (h, &g) in acc_r.iter().enumerate() {
+                                let at = (i0 + r) * a.ld + j0 + 8 * h;
+                                let (tp, mp, vp) = (a.theta.add(at), a.m.add(at), a.v.add(at));
+                                let mi = _mm256_add_ps(
+                                    _mm256_mul_ps(b1, _mm256_loadu_ps(mp)),
+                                    _mm256_mul_ps(c1, g),
+                                );
+                                let vi = _mm256_add_ps(
+                                    _mm256_mul_ps(b2, _mm256_loadu_ps(vp)),
+                                    _mm256_mul_ps(c2, _mm256_mul_ps(g, g)),
+                                );
+                                let den =
+                                    _mm256_add_ps(_mm256_mul_ps(_mm256_sqrt_ps(vi), inv), eps);
+                                let upd = _mm256_div_ps(_mm256_mul_ps(lr_t, mi), den);
+                                _mm256_storeu_ps(mp, mi);
+                                _mm256_storeu_ps(vp, vi);
+                                _mm256_storeu_ps(tp, _mm256_sub_ps(_mm256_loadu_ps(tp), upd));
+                            }
+                        }
+                        continue;
+                    }
+                    Epilogue::ReluMask(h) => {
+                        let zero = _mm256_setzero_ps();
+                        for (r, acc_r) in acc.iter_mut().enumerate() {
+                            let hp = h.as_ptr().add((i0 + r) * ldc + j0);
+                            let m0 = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(hp), zero);
+                            let m1 = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(hp.add(8)), zero);
+                            acc_r[0] = _mm256_and_ps(acc_r[0], m0);
+                            acc_r[1] = _mm256_and_ps(acc_r[1], m1);
+                        }
+                    }
+                }
+                for (r, acc_r) in acc.iter().enumerate() {
+                    _mm256_storeu_ps(cp.add(r * ldc), acc_r[0]);
+                    _mm256_storeu_ps(cp.add(r * ldc + 8), acc_r[1]);
+                }
+                continue;
+            }
             let mut tile = [[0.0f32; NR]; MR];
             for r in 0..MR {
                 _mm256_storeu_ps(tile[r].as_mut_ptr(), acc[r][0]);
                 _mm256_storeu_ps(tile[r].as_mut_ptr().add(8), acc[r][1]);
             }
-            finish_tile(&tile, c, ldc, i0, q * NR, rows, NR.min(n - q * NR), epi);
+            finish_tile(&tile, c, ldc, i0, q * NR, rows, cols, epi);
         }
     }
 }
@@ -290,16 +515,21 @@ pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     f()
 }
 
-/// db(j) = Σᵢ dY(i, j): the bias gradient, a column sum of the m × n output gradient.
-pub(crate) fn column_sums(dy: &[f32], n: usize, db: &mut [f32]) {
-    vectorised(|| {
-        db.fill(0.0);
-        for row in dy.chunks_exact(n) {
-            for (d, &v) in db.iter_mut().zip(row) {
-                *d += v;
+/// db(j) = Σᵢ dY(i, j0 + j) for j < db.len(): bias gradients, column sums of an output
+/// gradient dY with n columns.
+pub(crate) fn column_sums(dy: &[f32], n: usize, j0: usize, db: &mut [f32]) {
+    vectorised(
+        #[inline(always)]
+        || {
+            db.fill(0.0);
+            let w = db.len();
+            for row in dy.chunks_exact(n) {
+                for (d, &v) in db.iter_mut().zip(&row[j0..j0 + w]) {
+                    *d += v;
+                }
             }
-        }
-    })
+        },
+    )
 }
 
 /// Adam's settings and step count, for [`adam_update`].
@@ -317,33 +547,26 @@ pub(crate) struct AdamStep {
     pub t: i32,
 }
 
-/// One Adam step on a slice of parameters whose gradient is the sum g = g₀ + g₁ of two partial
-/// gradients (the two halves of a minibatch):
+/// One Adam step on a slice of parameters with gradient g:
 /// m ← β₁ m + (1 − β₁) g,  v ← β₂ v + (1 − β₂) g²,
 /// θ ← θ − lr/(1 − β₁ᵗ) · m / (√v / √(1 − β₂ᵗ) + ε)  (PyTorch's arrangement).
 pub(crate) fn adam_update(
-    s: AdamStep,
+    s: AdamConsts,
     theta: &mut [f32],
     m: &mut [f32],
     v: &mut [f32],
-    g0: &[f32],
-    g1: &[f32],
+    g: &[f32],
 ) {
-    let step = s.lr / (1.0 - s.beta1.powi(s.t));
-    let inv_sqrt_bc2 = 1.0 / (1.0 - s.beta2.powi(s.t)).sqrt();
-    let (b1, b2, c1, c2, eps) = (s.beta1, s.beta2, 1.0 - s.beta1, 1.0 - s.beta2, s.eps);
-    vectorised(|| {
-        let n = theta.len();
-        let (m, v, g0, g1) = (&mut m[..n], &mut v[..n], &g0[..n], &g1[..n]);
-        for i in 0..n {
-            let g = g0[i] + g1[i];
-            let mi = b1 * m[i] + c1 * g;
-            let vi = b2 * v[i] + c2 * g * g;
-            m[i] = mi;
-            v[i] = vi;
-            theta[i] -= step * mi / (vi.sqrt() * inv_sqrt_bc2 + eps);
-        }
-    })
+    vectorised(
+        #[inline(always)]
+        || {
+            let n = theta.len();
+            let (m, v, g) = (&mut m[..n], &mut v[..n], &g[..n]);
+            for i in 0..n {
+                s.apply(g[i], &mut theta[i], &mut m[i], &mut v[i]);
+            }
+        },
+    )
 }
 
 /// A barrier for a fixed set of threads that spins (then yields) instead of sleeping: the
@@ -370,11 +593,15 @@ impl SpinBarrier {
         }
     }
 
-    /// Waits until every thread has called `wait`; everything written before the call by any
-    /// thread is visible after it to all of them.
-    pub fn wait(&self) -> Result<(), Poisoned> {
+    /// Waits until every thread has called it (everything written before the call by any
+    /// thread is then visible to all of them); the last thread to arrive sets `counter` to 0
+    /// before any thread leaves (a task counter, fresh for the next stretch of work).
+    pub fn wait_then_reset(&self, counter: Option<&AtomicUsize>) -> Result<(), Poisoned> {
         let generation = self.generation.load(Ordering::Acquire);
         if self.arrived.fetch_add(1, Ordering::AcqRel) + 1 == self.threads {
+            if let Some(c) = counter {
+                c.store(0, Ordering::Relaxed);
+            }
             self.arrived.store(0, Ordering::Relaxed);
             self.generation.fetch_add(1, Ordering::AcqRel);
             return Ok(());
@@ -461,7 +688,15 @@ mod tests {
                     at[p * m + i] = a[i * k + p];
                 }
             }
-            for (ai, av) in [StridedA::rows(&a, k), StridedA::transposed(&at, m)]
+            let mut ap = vec![0.0; m.div_ceil(MR) * MR * k];
+            pack_a_transposed(&at, m, 0, m, k, &mut ap);
+            let transposed = StridedA {
+                data: &at,
+                rs: 1,
+                cs: m,
+                ts: 1,
+            };
+            for (ai, av) in [StridedA::rows(&a, k), transposed, StridedA::packed(&ap, k)]
                 .into_iter()
                 .enumerate()
             {
@@ -506,6 +741,57 @@ mod tests {
     }
 
     #[test]
+    fn adam_epilogue_equals_gradient_then_adam() {
+        let (m, n, k) = (13, 40, 9);
+        let a = values(m * k, 6);
+        let b = values(k * n, 7);
+        let mut packed = vec![0.0; k * panel_cols(n)];
+        pack_b(&b, n, 1, k, n, &mut packed);
+        let mut g = vec![0.0; m * n];
+        gemm(
+            m,
+            n,
+            k,
+            StridedA::rows(&a, k),
+            &packed,
+            &mut g,
+            n,
+            Epilogue::Store,
+        );
+        let step = AdamConsts::new(AdamStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 3,
+        });
+        let (mut t1, mut m1, mut v1) = (values(m * n, 8), values(m * n, 9), values(m * n, 10));
+        for x in v1.iter_mut() {
+            *x = x.abs();
+        }
+        let (mut t2, mut m2, mut v2) = (t1.clone(), m1.clone(), v1.clone());
+        adam_update(step, &mut t1, &mut m1, &mut v1, &g);
+        let rows = AdamRows {
+            theta: t2.as_mut_ptr(),
+            m: m2.as_mut_ptr(),
+            v: v2.as_mut_ptr(),
+            ld: n,
+            step,
+        };
+        gemm(
+            m,
+            n,
+            k,
+            StridedA::rows(&a, k),
+            &packed,
+            &mut [],
+            n,
+            Epilogue::Adam(&rows),
+        );
+        assert_eq!((t1, m1, v1), (t2, m2, v2));
+    }
+
+    #[test]
     fn weight_packing_equals_generic_packing() {
         let (inp, out) = (40, 24);
         let w = values(inp * out, 5);
@@ -535,7 +821,7 @@ mod tests {
             t: 1,
         };
         let (mut th, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.0; 2], vec![0.0; 2]);
-        adam_update(s, &mut th, &mut m, &mut v, &[0.5, -1.0], &[0.5, 3.0]);
+        adam_update(AdamConsts::new(s), &mut th, &mut m, &mut v, &[1.0, 2.0]);
         // Step 1: m̂ = g, v̂ = g², so θ moves by lr·sign(g).
         assert!(
             (th[0] - 0.9).abs() < 1e-6 && (th[1] + 2.1).abs() < 1e-6,
@@ -552,14 +838,14 @@ mod tests {
             s.spawn(|| {
                 for i in 0..1000 {
                     cell.store(i, Ordering::Relaxed);
-                    barrier.wait().unwrap();
-                    barrier.wait().unwrap();
+                    barrier.wait_then_reset(None).unwrap();
+                    barrier.wait_then_reset(None).unwrap();
                 }
             });
             for i in 0..1000 {
-                barrier.wait().unwrap();
+                barrier.wait_then_reset(None).unwrap();
                 assert_eq!(cell.load(Ordering::Relaxed), i);
-                barrier.wait().unwrap();
+                barrier.wait_then_reset(None).unwrap();
             }
         });
     }
