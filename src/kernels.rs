@@ -223,9 +223,15 @@ pub(crate) unsafe fn pack_weight_rows(
     fwd: *mut f32,
     bwd: *mut f32,
 ) {
+    debug_assert!(r0 + rows.len() / inp <= out);
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2_fma() && r0 % NR == 0 && (rows.len() / inp) % NR == 0 && inp % 8 == 0 {
+        pack_transposed_avx2(rows, r0, inp, fwd);
+        pack_b_rows(rows, r0, out, inp, bwd);
+        return;
+    }
     for (dr, row) in rows.chunks_exact(inp).enumerate() {
         let r = r0 + dr;
-        debug_assert!(r < out);
         // Forward panels: column r of Wᵀ lives in panel r / 16, lane r % 16.
         let base = (r / NR) * inp * NR + r % NR;
         for (p, &v) in row.iter().enumerate() {
@@ -234,6 +240,54 @@ pub(crate) unsafe fn pack_weight_rows(
     }
     // Backward panels: the rows of W as they are.
     pack_b_rows(rows, r0, out, inp, bwd);
+}
+
+/// The forward panels of [`pack_weight_rows`] for whole panels of 16 rows, by 8 × 8 block
+/// transposes in registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn pack_transposed_avx2(rows: &[f32], r0: usize, inp: usize, fwd: *mut f32) {
+    use std::arch::x86_64::*;
+    let src = rows.as_ptr();
+    for pr in (0..rows.len() / inp).step_by(NR) {
+        let panel = fwd.add((r0 + pr) / NR * inp * NR);
+        for half in 0..2 {
+            let base = src.add((pr + 8 * half) * inp);
+            for p in (0..inp).step_by(8) {
+                let r: [__m256; 8] =
+                    std::array::from_fn(|a| _mm256_loadu_ps(base.add(a * inp + p)));
+                let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+                let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+                let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+                let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+                let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+                let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+                let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+                let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+                let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+                let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+                let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+                let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+                let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+                let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+                let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+                let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+                let cols = [
+                    _mm256_permute2f128_ps::<0x20>(u0, u4),
+                    _mm256_permute2f128_ps::<0x20>(u1, u5),
+                    _mm256_permute2f128_ps::<0x20>(u2, u6),
+                    _mm256_permute2f128_ps::<0x20>(u3, u7),
+                    _mm256_permute2f128_ps::<0x31>(u0, u4),
+                    _mm256_permute2f128_ps::<0x31>(u1, u5),
+                    _mm256_permute2f128_ps::<0x31>(u2, u6),
+                    _mm256_permute2f128_ps::<0x31>(u3, u7),
+                ];
+                for (c, col) in cols.into_iter().enumerate() {
+                    _mm256_storeu_ps(panel.add((p + c) * NR + 8 * half), col);
+                }
+            }
+        }
+    }
 }
 
 /// C (m × n, row stride `ldc`) = A (m × k) · B (k × n, packed by [`pack_b`]), then `epi`.
@@ -793,15 +847,20 @@ mod tests {
 
     #[test]
     fn weight_packing_equals_generic_packing() {
-        let (inp, out) = (40, 24);
+        for (inp, out, cut) in [(40, 24, 10), (64, 48, 16), (8, 32, 16)] {
+            weight_packing_case(inp, out, cut);
+        }
+    }
+
+    fn weight_packing_case(inp: usize, out: usize, cut: usize) {
         let w = values(inp * out, 5);
         let mut fwd = vec![0.0; inp * panel_cols(out)];
         let mut bwd = vec![0.0; out * panel_cols(inp)];
         let (pf, pb) = (fwd.as_mut_ptr(), bwd.as_mut_ptr());
         // SAFETY: the buffers have the sizes pack_weight_rows needs.
         unsafe {
-            pack_weight_rows(&w[..10 * inp], 0, inp, out, pf, pb);
-            pack_weight_rows(&w[10 * inp..], 10, inp, out, pf, pb);
+            pack_weight_rows(&w[..cut * inp], 0, inp, out, pf, pb);
+            pack_weight_rows(&w[cut * inp..], cut, inp, out, pf, pb);
         }
         let mut f2 = vec![0.0; fwd.len()];
         let mut b2 = vec![0.0; bwd.len()];

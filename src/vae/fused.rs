@@ -197,33 +197,29 @@ impl FusedVae {
         Ok(vae)
     }
 
-    /// The position in dfdx's flattening of each parameter in ours. dfdx's model has two
-    /// heads, μ (W, b) then log σ² (W, b); here they are one layer of 2L outputs, W then b.
-    fn dfdx_index(&self) -> Vec<usize> {
+    /// Where dfdx's flattening differs from ours: (our index, dfdx's index) for each parameter
+    /// of the heads. dfdx's model has two heads, μ (W, b) then log σ² (W, b); here they are one
+    /// layer of 2L outputs, W then b. Every other parameter has the same index in both.
+    fn head_index(&self) -> impl Iterator<Item = (usize, usize)> {
         let head = self.plan.layers[HEAD];
         let (h, l) = (self.plan.hidden, self.plan.latent);
-        (0..self.theta.len())
-            .map(|i| {
-                if i < head.at || i >= head.at + head.len() {
-                    return i;
-                }
-                let k = i - head.at;
-                let (w_len, one_head) = (2 * l * h, l * h + l);
-                if k < w_len {
-                    let (row, col) = (k / h, k % h);
-                    head.at + (row / l) * one_head + (row % l) * h + col
-                } else {
-                    let row = k - w_len;
-                    head.at + (row / l) * one_head + l * h + row % l
-                }
-            })
-            .collect()
+        (head.at..head.at + head.len()).map(move |i| {
+            let k = i - head.at;
+            let (w_len, one_head) = (2 * l * h, l * h + l);
+            if k < w_len {
+                let (row, col) = (k / h, k % h);
+                (i, head.at + (row / l) * one_head + (row % l) * h + col)
+            } else {
+                let row = k - w_len;
+                (i, head.at + (row / l) * one_head + l * h + row % l)
+            }
+        })
     }
 
     /// `ours` reordered into dfdx's flattening.
     fn to_dfdx(&self, ours: &[f32]) -> Vec<f32> {
-        let mut out = vec![0.0; ours.len()];
-        for (i, j) in self.dfdx_index().into_iter().enumerate() {
+        let mut out = ours.to_vec();
+        for (i, j) in self.head_index() {
             out[j] = ours[i];
         }
         out
@@ -257,7 +253,11 @@ impl FusedVae {
                 return Err(Error::shape(what, n, got.len()));
             }
         }
-        for (i, j) in self.dfdx_index().into_iter().enumerate() {
+        self.theta.copy_from_slice(theta);
+        self.m.copy_from_slice(m);
+        self.v.copy_from_slice(v);
+        let head: Vec<(usize, usize)> = self.head_index().collect();
+        for (i, j) in head {
             self.theta[i] = theta[j];
             self.m[i] = m[j];
             self.v[i] = v[j];
