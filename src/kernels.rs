@@ -225,7 +225,8 @@ pub(crate) unsafe fn pack_weight_rows(
 ) {
     debug_assert!(r0 + rows.len() / inp <= out);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() && r0 % NR == 0 && (rows.len() / inp) % NR == 0 && inp % 8 == 0 {
+    let whole_panels = r0.is_multiple_of(NR) && (rows.len() / inp).is_multiple_of(NR);
+    if has_avx2_fma() && whole_panels && inp.is_multiple_of(8) {
         pack_transposed_avx2(rows, r0, inp, fwd);
         pack_b_rows(rows, r0, out, inp, bwd);
         return;
