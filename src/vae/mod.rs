@@ -365,13 +365,23 @@ impl Vae {
         Ok(&self.history[start..])
     }
 
-    /// One pass over the training set without evaluation or a history record (the benchmark's
-    /// timed loop); returns the epoch's mean loss, reconstruction and KL.
+    /// One pass over the training set without evaluation or a history record; returns the
+    /// epoch's mean loss, reconstruction and KL.
+    pub fn train_epoch_only(&mut self) -> Result<(f64, f64, f64)> {
+        self.train_epochs_only(1)
+    }
+
+    /// `epochs` passes over the training set without evaluation or history records (the
+    /// benchmark's timed loop: one set of training threads for all of them); returns the last
+    /// epoch's mean loss, reconstruction and KL. The loss of every step is in `step_losses`.
     ///
     /// The step runs on the fused kernels of `vae/fused.rs` (the same gradient as dfdx's
     /// autodiff of the loss, checked by a test), on [`training_threads`] threads.
-    pub fn train_epoch_only(&mut self) -> Result<(f64, f64, f64)> {
-        let batches: Vec<Vec<usize>> = self.batches.epoch().collect();
+    pub fn train_epochs_only(&mut self, epochs: usize) -> Result<(f64, f64, f64)> {
+        let mut batches: Vec<Vec<usize>> = vec![];
+        for _ in 0..epochs {
+            batches.extend(self.batches.epoch());
+        }
         let draws = batches.iter().map(Vec::len).sum::<usize>() * self.config.latent;
         let eps: Vec<f32> = (0..draws)
             .map(|_| StandardNormal.sample(&mut self.noise_rng))
@@ -383,8 +393,10 @@ impl Vae {
         let trained = self.fused.parameters();
         with_core!(&mut self.net, core => core.trainer.set_parameters(&trained))?;
         outcome?;
-        let n = records.len().max(1) as f64;
-        let mean = |f: fn(&fused::StepParts) -> f64| records.iter().map(f).sum::<f64>() / n;
+        let per_epoch = batches.len() / epochs.max(1);
+        let last = &records[records.len().saturating_sub(per_epoch)..];
+        let n = last.len().max(1) as f64;
+        let mean = |f: fn(&fused::StepParts) -> f64| last.iter().map(f).sum::<f64>() / n;
         Ok((mean(|r| r.0), mean(|r| r.1), mean(|r| r.2)))
     }
 
