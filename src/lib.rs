@@ -12,6 +12,7 @@
 //! | [`train`] | model chapters | a model + Adam + history that trains correctly across cells |
 //! | [`elbo`] | 2, `02_elbo` | variational inference, the ELBO identity, IWAE, gradient estimators |
 //! | [`vae`] | 3, `03_vae` | the VAE on the digits: training, samples, latents, checkpoints |
+//! | `kernels` (private) | 3 | fused CPU kernels: packed matrix multiply with bias/ReLU/Adam folded in |
 //! | [`math`] | all | log-gamma, densities, quadrature |
 //!
 //! Nothing a learner can influence panics: every fallible call returns [`Result`] with an
