@@ -816,18 +816,19 @@ fn exp_nonpositive(x: f32) -> f32 {
     let n = (x * std::f32::consts::LOG2_E).round();
     // ln 2 split in two so that n·ln 2 is exact to f32 precision.
     let r = (x - n * 0.693_145_75) - n * 1.428_606_8e-6;
-    let mut p = 1.0 / 5040.0;
-    for c in [
-        1.0 / 720.0,
-        1.0 / 120.0,
-        1.0 / 24.0,
-        1.0 / 6.0,
-        0.5,
-        1.0,
-        1.0,
-    ] {
-        p = p * r + c;
-    }
+    let p = horner(
+        r,
+        &[
+            1.0 / 5040.0,
+            1.0 / 720.0,
+            1.0 / 120.0,
+            1.0 / 24.0,
+            1.0 / 6.0,
+            0.5,
+            1.0,
+            1.0,
+        ],
+    );
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
 }
 
@@ -837,20 +838,27 @@ fn exp_nonpositive(x: f32) -> f32 {
 fn ln_1p_unit(e: f32) -> f32 {
     let s = e / (2.0 + e);
     let s2 = s * s;
-    let mut p = 1.0 / 17.0;
-    for c in [
-        1.0 / 15.0,
-        1.0 / 13.0,
-        1.0 / 11.0,
-        1.0 / 9.0,
-        1.0 / 7.0,
-        1.0 / 5.0,
-        1.0 / 3.0,
-        1.0,
-    ] {
-        p = p * s2 + c;
-    }
+    let p = horner(
+        s2,
+        &[
+            1.0 / 17.0,
+            1.0 / 15.0,
+            1.0 / 13.0,
+            1.0 / 11.0,
+            1.0 / 9.0,
+            1.0 / 7.0,
+            1.0 / 5.0,
+            1.0 / 3.0,
+            1.0,
+        ],
+    );
     2.0 * s * p
+}
+
+/// c₀xⁿ + c₁xⁿ⁻¹ + … + cₙ by Horner's rule.
+#[inline(always)]
+fn horner(x: f32, coefficients: &[f32]) -> f32 {
+    coefficients.iter().fold(0.0, |p, &c| p * x + c)
 }
 
 /// A sum in eight lanes (vectorisable, and the same every time).
