@@ -15,10 +15,10 @@
 //! Two threads share a step (when there are two cores). The minibatch is cut into chunks of
 //! rows (four for B = 100) for the forward pass and the input gradients ∂in; ∂W = ∂outᵀ·in is
 //! computed over the whole batch in blocks of W's rows, and Adam is applied to each block as it
-//! comes out of the matrix multiply (the gradient is never stored). Layer by layer from the
-//! top, the threads take these tasks from a shared counter, so a thread that the machine slows
-//! down simply takes fewer. Each task computes the same sums in the same order whoever runs
-//! it: the result does not depend on the number of threads.
+//! comes out of the matrix multiply (the gradient is never stored). In each of a step's two
+//! stretches (the chunks, then the blocks) the threads take tasks from a shared counter, so a
+//! thread that the machine slows down simply takes fewer. Each task computes the same sums in
+//! the same order whoever runs it: the result does not depend on the number of threads.
 
 use super::Likelihood;
 use crate::data::PIXELS;
@@ -94,26 +94,12 @@ const D_OUT: [usize; 6] = [DH1, DH2, DO, DG1, DG2, DY];
 const D_IN: [Option<usize>; 6] = [None, Some(DH1), Some(DH2), Some(DZ), Some(DG1), Some(DG2)];
 const INPUT_AFTER_RELU: [bool; 6] = [false, true, true, false, true, true];
 
+/// Values per row of each buffer.
+#[rustfmt::skip]
 fn widths(hidden: usize, latent: usize) -> [usize; BUFFERS] {
     let (h, l) = (hidden, latent);
-    [
-        PIXELS,
-        h,
-        h,
-        2 * l,
-        l,
-        l,
-        h,
-        h,
-        PIXELS,
-        PIXELS,
-        h,
-        h,
-        l,
-        2 * l,
-        h,
-        h,
-    ]
+    //  X       H1 H2 O      Z  EPS G1 G2 Y       DY      DG2 DG1 DZ DO     DH2 DH1
+    [PIXELS, h, h, 2 * l, l, l, h, h, PIXELS, PIXELS, h, h, l, 2 * l, h, h]
 }
 
 /// The parameters, Adam's moments, the packed weights and the step's buffers of one VAE.
@@ -326,7 +312,7 @@ impl FusedVae {
             grads: Some(Raw::of(&mut grads)),
             next: AtomicUsize::new(0),
         };
-        let records = job.run(0).unwrap_or_default();
+        let (records, _) = job.run(0);
         (
             records.first().map_or(f64::NAN, |r| r.0),
             self.to_dfdx(&grads),
@@ -386,12 +372,16 @@ impl FusedVae {
             };
             (mine, helper.map(|h| h.join()))
         });
-        let records = match outcome {
-            (Ok(records), None | Some(Ok(Ok(_)))) => records,
-            (Err(e), _) | (_, Some(Ok(Err(e)))) => return (vec![], Err(e)),
-            (_, Some(Err(_))) => return (vec![], Err(stopped())),
-        };
+        let ((records, mine), theirs) = outcome;
         self.steps += records.len();
+        let stopped = match theirs {
+            Some(Err(_)) => Err(stopped()),
+            Some(Ok((_, Err(e)))) => Err(e),
+            _ => mine,
+        };
+        if stopped.is_err() {
+            return (records, stopped);
+        }
         if records.len() < batches.len() {
             let (rec, kl) = sum_parts(&self.parts);
             let loss = (rec + plan.beta as f64 * kl) / b as f64;
@@ -430,8 +420,7 @@ fn sum_parts(parts: &[(f64, f64)]) -> (f64, f64) {
 
 fn stopped() -> Error {
     Error::Dfdx(
-        "a training thread stopped unexpectedly; the parameters are those of the last finished step"
-            .into(),
+        "a training thread stopped unexpectedly; train again, or reload the last checkpoint".into(),
     )
 }
 
@@ -517,7 +506,7 @@ impl Job<'_> {
     /// and the old weights). Then, per block of rows of each W: ∂W = ∂outᵀ·in over the whole
     /// batch with Adam applied as it comes out, and the same for b. The next step's forward
     /// pass reads the new weights.
-    fn run(&self, t: usize) -> Result<Vec<StepParts>> {
+    fn run(&self, t: usize) -> (Vec<StepParts>, Result<()>) {
         let b = self.batches[0].len();
         let l = self.plan.latent;
         let rows = chunk_rows(b);
@@ -557,7 +546,9 @@ impl Job<'_> {
                     self.input_gradient(li, chunk(q), b);
                 }
             });
-            wait()?;
+            if let Err(e) = wait() {
+                return (records, Err(e));
+            }
             // SAFETY: every chunk's parts were written before the barrier.
             let parts =
                 unsafe { std::slice::from_raw_parts(self.shared.parts, self.shared.chunks) };
@@ -565,7 +556,7 @@ impl Job<'_> {
             let loss = (rec + self.plan.beta as f64 * kl) / b as f64;
             if !loss.is_finite() {
                 // Every thread sees the same loss and stops before any update.
-                return Ok(records);
+                return (records, Ok(()));
             }
             if t == 0 {
                 records.push((loss, rec / b as f64, kl / b as f64));
@@ -580,9 +571,12 @@ impl Job<'_> {
                 let (li, rows) = blocks[i];
                 self.update(li, rows, b, adam, &mut bias_grad, &mut a_pack);
             });
-            wait()?;
+            if let Err(e) = wait() {
+                // The updates of this step may be partly done: it does not count as taken.
+                return (records[..records.len().saturating_sub(1)].to_vec(), Err(e));
+            }
         }
-        Ok(records)
+        (records, Ok(()))
     }
 
     /// Forward pass, loss parts and ∂y for the rows `i0..i1` (chunk q) of the batch.
