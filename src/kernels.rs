@@ -1,6 +1,7 @@
 //! Hand-fused CPU kernels for the training loops that must be fast: a packed matrix multiply
-//! with the layer's bias, ReLU or ReLU-mask folded into its output, column sums, Adam over flat
-//! buffers, and a spin barrier for two threads that meet a few times per step.
+//! with the layer's bias, ReLU or ReLU mask folded into its output (or an Adam step on each
+//! gradient tile it produces), weight packing, column sums, Adam over flat buffers, and a spin
+//! barrier for two threads that meet twice per step.
 //!
 //! Why they exist: W1's VAE does ~99 MFLOP of matrix multiply per step on 100-row matrices. In
 //! idiomatic dfdx (and in PyTorch) most of a step is per-op overhead (allocation, strided
@@ -9,7 +10,7 @@
 //!
 //! # The matrix multiply
 //! C (m × n) = A (m × k) · B (k × n), then an [`Epilogue`] on each output element. A is read
-//! in place through strides (so A or Aᵀ of a row-major buffer both work); B is packed into
+//! in place through strides, or from tiles packed by [`pack_a_transposed`]; B is packed into
 //! panels of 16 columns, each panel k × 16 contiguous, so the inner loop streams it from L1.
 //! The inner kernel keeps a 5 × 16 tile of C in ten AVX2 registers and does 10 fused
 //! multiply-adds per k (on x86-64 with AVX2 + FMA, detected at run time; elsewhere a portable
