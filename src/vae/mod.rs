@@ -24,13 +24,13 @@
 use crate::data::{load_digits, Batches, Digits, Images, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
 use crate::train::{AdamSettings, Dev, Trainer};
-
-mod fused;
 use dfdx::prelude::*;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::path::Path;
+
+mod fused;
 
 /// How p(x | z) scores a pixel.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -168,12 +168,7 @@ impl<const H: usize, const L: usize> Core<H, L> {
     /// The loss of a minibatch `x` with noise `eps` and its gradient, by dfdx's autodiff
     /// (flattened like [`Trainer::parameters`]): the reference the fused step is tested against.
     #[cfg(test)]
-    fn autodiff_gradient(
-        &mut self,
-        x: Vec<f32>,
-        eps: Vec<f32>,
-        config: &VaeConfig,
-    ) -> (f64, Vec<f32>) {
+    fn autodiff_gradient(&self, x: Vec<f32>, eps: Vec<f32>, config: &VaeConfig) -> (f64, Vec<f32>) {
         let b = x.len() / PIXELS;
         let (beta, likelihood) = (config.beta as f32, config.likelihood);
         let dev = self.trainer.dev().clone();
@@ -723,7 +718,7 @@ mod tests {
                 .map(|_| StandardNormal.sample(&mut rng))
                 .collect();
             let (loss, grad) = vae.fused.gradient(&x, &eps);
-            let (want_loss, want) = with_core!(&mut vae.net, core => core.autodiff_gradient(x.clone(), eps.clone(), &config));
+            let (want_loss, want) = with_core!(&vae.net, core => core.autodiff_gradient(x.clone(), eps.clone(), &config));
             assert_eq!(grad.len(), want.len());
             assert!(
                 (loss - want_loss).abs() < 1e-4 * want_loss.abs(),
