@@ -98,6 +98,39 @@ pub(crate) enum Epilogue<'a> {
     ReluMask(&'a [f32]),
     /// c is the gradient of parameter (i, j): one Adam step on it, nothing stored in C.
     Adam(&'a AdamRows),
+    /// C(i, j) = LeakyReLU_α(c + bias(j)).
+    BiasLeaky(&'a [f32], f32),
+    /// C(i, j) = c if H(i, j) > 0 else α c.
+    LeakyMask(&'a [f32], f32),
+}
+
+/// Rows of C one kernel call computes (TEMPORARY).
+pub(crate) fn tile_rows() -> usize {
+    MR
+}
+
+/// Length of a `pack_a_transposed` buffer (TEMPORARY).
+pub(crate) fn packed_a_len(m: usize, k: usize) -> usize {
+    m.div_ceil(MR) * MR * k
+}
+
+impl AdamRows {
+    /// TEMPORARY
+    pub fn new(
+        theta: &mut [f32],
+        m: &mut [f32],
+        v: &mut [f32],
+        ld: usize,
+        step: AdamConsts,
+    ) -> Self {
+        AdamRows {
+            theta: theta.as_mut_ptr(),
+            m: m.as_mut_ptr(),
+            v: v.as_mut_ptr(),
+            ld,
+            step,
+        }
+    }
 }
 
 /// Parameters θ and Adam's moments m, v of a row-major block (row stride `ld`) that a
@@ -311,7 +344,7 @@ pub(crate) fn gemm(
     debug_assert!(matches!(epi, Epilogue::Adam(_)) || c.len() >= (m - 1) * ldc + n);
     debug_assert!(k == 0 || a.data.len() > (m - 1) / MR * MR * a.ts + (k - 1) * a.cs);
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
+    if has_avx2_fma() && !matches!(epi, Epilogue::BiasLeaky(..) | Epilogue::LeakyMask(..)) {
         // SAFETY: the CPU has AVX2 and FMA (checked above); the bounds are checked above
         // (debug) and by construction of every caller in this crate.
         unsafe { gemm_avx2(m, n, k, a, b, c, ldc, epi) };
@@ -398,6 +431,16 @@ fn finish_tile(
             Epilogue::ReluMask(h) => {
                 for ((o, &v), &hh) in out.iter_mut().zip(acc_r).zip(&h[at..at + cols]) {
                     *o = if hh > 0.0 { v } else { 0.0 };
+                }
+            }
+            Epilogue::BiasLeaky(bias, al) => {
+                for ((o, &v), &bb) in out.iter_mut().zip(acc_r).zip(&bias[j0..j0 + cols]) {
+                    *o = (v + bb).max(al * (v + bb));
+                }
+            }
+            Epilogue::LeakyMask(h, al) => {
+                for ((o, &v), &hh) in out.iter_mut().zip(acc_r).zip(&h[at..at + cols]) {
+                    *o = if hh > 0.0 { v } else { al * v };
                 }
             }
         }
@@ -520,6 +563,7 @@ unsafe fn gemm_avx2(
                         }
                         continue;
                     }
+                    Epilogue::BiasLeaky(..) | Epilogue::LeakyMask(..) => {}
                     Epilogue::ReluMask(h) => {
                         let zero = _mm256_setzero_ps();
                         for (r, acc_r) in acc.iter_mut().enumerate() {

@@ -282,36 +282,6 @@ pub fn parameters<M: TensorCollection<f32, Dev>>(model: &M) -> Result<Vec<f32>> 
     Ok(walk(model)?.0)
 }
 
-/// The gradient of every parameter of `model` in `grads`, flattened like [`parameters`].
-#[cfg(test)]
-pub(crate) fn gradient_of<M: TensorCollection<f32, Dev>>(
-    model: &M,
-    grads: &Gradients<f32, Dev>,
-) -> Vec<f32> {
-    struct Walk<'a>(Vec<f32>, &'a Gradients<f32, Dev>);
-    impl TensorVisitor<f32, Dev> for Walk<'_> {
-        type Viewer = ViewTensorRef;
-        type Err = CpuError;
-        type E2 = f32;
-        type D2 = Dev;
-        fn visit<S: Shape>(
-            &mut self,
-            _: TensorOptions<S, f32, Dev>,
-            t: &Tensor<S, f32, Dev>,
-        ) -> std::result::Result<Option<Tensor<S, f32, Dev>>, CpuError> {
-            self.0.extend(self.1.get(t).as_vec());
-            Ok(None)
-        }
-    }
-    let mut walk = Walk(vec![], grads);
-    // Reading CPU tensors cannot fail; an error would leave the vector short.
-    let _ = M::iter_tensors(&mut RecursiveWalker {
-        m: model,
-        f: &mut walk,
-    });
-    walk.0
-}
-
 /// The largest id among a model's parameter tensors.
 fn max_param_id<M: TensorCollection<f32, Dev>>(model: &M) -> Result<UniqueId> {
     walk(model)?
@@ -365,6 +335,30 @@ fn probe_id(dev: &Dev) -> Result<UniqueId> {
 pub fn move_counter_past(dev: &Dev, watermark: UniqueId) -> Result<()> {
     while probe_id(dev)? <= watermark {}
     Ok(())
+}
+
+/// Writes `bytes` to `path` whole or not at all: into a temporary file beside it, flushed to
+/// disk, then renamed over `path` (a rename within one folder is atomic), so an interrupt during
+/// a save leaves the previous file intact. Creates the folder if needed.
+pub fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    let fix = "choose a folder you can write to";
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e, fix))?;
+    }
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(format!(".tmp-{}", std::process::id()));
+    let tmp = path.with_file_name(name);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(&tmp, e, fix));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e, fix))
 }
 
 fn dfdx_err(e: impl std::fmt::Debug) -> Error {

@@ -122,14 +122,14 @@ fn bad_configs_name_the_field() {
     for (config, field) in [
         (
             VaeConfig {
-                latent: 3,
+                latent: 0,
                 ..quick(1)
             },
             "`latent`",
         ),
         (
             VaeConfig {
-                hidden: 100,
+                hidden: 100_000,
                 ..quick(1)
             },
             "`hidden`",

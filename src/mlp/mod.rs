@@ -1,0 +1,922 @@
+//! The engine every model trains on: a multilayer perceptron (MLP) of any widths, with its
+//! forward pass, its backward pass and Adam fused into a few matrix multiplies, run on two
+//! threads with no allocation inside a step.
+//!
+//! # The network
+//! Layer l maps hₗ (B rows, one per example) to
+//!
+//! hₗ₊₁ = act_l(hₗ · Wₗᵀ + bₗ),   act ∈ {identity, ReLU, LeakyReLU(α)},
+//!
+//! with Wₗ of shape outₗ × inₗ (row-major, PyTorch's and dfdx's layout) followed by bₗ in one
+//! flat parameter vector. The last layer has the identity activation when built by
+//! [`Mlp::new`] (logits, means, noise predictions).
+//!
+//! # The backward pass, the chain rule layer by layer
+//! Given ∂L/∂h_L (what [`Mlp::backward`] takes), with aₗ the pre-activation of layer l:
+//!
+//! ∂aₗ = ∂hₗ₊₁ ⊙ act_l′(hₗ₊₁),  ∂Wₗ = ∂aₗᵀ · hₗ,  ∂bₗ = Σ_rows ∂aₗ,  ∂hₗ = ∂aₗ · Wₗ.
+//!
+//! act′ is read off the layer's output: ReLU′ = 1[h > 0], LeakyReLU′ = 1 or α by the sign of
+//! h (α > 0 keeps the sign). Each ∂Wₗ goes straight into Adam as it leaves the matrix multiply
+//! ([`Update::Adam`]), or is handed back ([`Update::Gradient`]), or is not computed at all
+//! ([`Update::None`]: a frozen network that only passes ∂input back, as a GAN's discriminator
+//! during the generator's step).
+//!
+//! # How it runs (one floor down, in `kernels`)
+//! Every product is the packed matrix multiply of `kernels`, with the bias and activation (or,
+//! backwards, the activation's derivative) applied to each tile as it leaves the registers,
+//! and Adam applied to each weight-gradient tile. The weights are kept packed both ways (Wᵀ for
+//! the forward pass, W for ∂h), repacked by the task that updates them.
+//!
+//! A call is at most two stretches of tasks shared by a [`Team`] of threads: the forward pass
+//! and the ∂h pass split the batch into chunks of rows (rows are independent, so a chunk goes
+//! through every layer on one thread); the weight update splits the weight matrices into blocks
+//! of 64 rows (each block sums over the whole batch). Every task computes the same sums in the
+//! same order whoever runs it: one thread and two give bit-identical results.
+
+pub mod reference;
+mod team;
+
+pub(crate) use team::FlushDenormals;
+pub use team::{threads_wanted, Team};
+
+use crate::error::{ensure, Error, Result};
+use crate::kernels::{
+    adam_update, column_sums, gemm, pack_a_transposed, pack_b_rows, pack_weight_rows, packed_a_len,
+    panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, StridedA,
+};
+use crate::train::AdamSettings;
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use rand_distr::{Distribution, Uniform};
+use std::cell::RefCell;
+
+/// The nonlinearity after a layer.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Activation {
+    /// act(a) = a (the output layer: logits, means).
+    Identity,
+    /// act(a) = max(a, 0).
+    Relu,
+    /// act(a) = a for a > 0, α·a otherwise (0 < α < 1; GAN discriminators use α = 0.2).
+    LeakyRelu(f32),
+}
+
+impl Activation {
+    /// act(a).
+    pub fn apply(self, a: f32) -> f32 {
+        match self {
+            Activation::Identity => a,
+            Activation::Relu => a.max(0.0),
+            Activation::LeakyRelu(alpha) => a.max(alpha * a),
+        }
+    }
+
+    /// act′ times g, read off the output h = act(a).
+    pub fn backward(self, h: f32, g: f32) -> f32 {
+        match self {
+            Activation::Identity => g,
+            Activation::Relu => {
+                if h > 0.0 {
+                    g
+                } else {
+                    0.0
+                }
+            }
+            Activation::LeakyRelu(alpha) => {
+                if h > 0.0 {
+                    g
+                } else {
+                    alpha * g
+                }
+            }
+        }
+    }
+
+    fn forward_epilogue(self, bias: &[f32]) -> Epilogue<'_> {
+        match self {
+            Activation::Identity => Epilogue::Bias(bias),
+            Activation::Relu => Epilogue::BiasRelu(bias),
+            Activation::LeakyRelu(alpha) => Epilogue::BiasLeaky(bias, alpha),
+        }
+    }
+
+    fn mask_epilogue(self, h: &[f32]) -> Epilogue<'_> {
+        match self {
+            Activation::Identity => Epilogue::Store,
+            Activation::Relu => Epilogue::ReluMask(h),
+            Activation::LeakyRelu(alpha) => Epilogue::LeakyMask(h, alpha),
+        }
+    }
+}
+
+/// One layer: `out` outputs from `inp` inputs, then `activation`.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Layer {
+    /// Inputs (columns of W).
+    pub inp: usize,
+    /// Outputs (rows of W).
+    pub out: usize,
+    /// The nonlinearity after the affine map.
+    pub activation: Activation,
+}
+
+/// What [`Mlp::backward`] does with the weight gradients.
+pub enum Update<'a> {
+    /// One Adam step with the network's own settings, fused into the gradient's computation
+    /// (the gradient itself is never stored).
+    Adam,
+    /// Nothing: the network is left untouched (only ∂input is wanted).
+    None,
+    /// Store the gradient here, in the flat layout of [`Mlp::parameters`]; parameters unchanged.
+    Gradient(&'a mut [f32]),
+}
+
+/// Widest layer the engine accepts (a guard against typos such as `hidden = 2560000`).
+pub const MAX_WIDTH: usize = 1 << 16;
+/// Most parameters a network may have (about 1 GB with Adam's moments).
+pub const MAX_PARAMETERS: usize = 1 << 26;
+/// Largest batch a call accepts.
+pub const MAX_ROWS: usize = 1 << 20;
+
+/// A layer's place in the flat parameter vector: W (out × inp) at `at`, then b.
+#[derive(Debug, Clone, Copy)]
+struct Dense {
+    inp: usize,
+    out: usize,
+    act: Activation,
+    at: usize,
+}
+
+impl Dense {
+    fn bias(&self) -> usize {
+        self.at + self.inp * self.out
+    }
+}
+
+/// Rows of W per weight-update task (a multiple of the 16-column panels the packed weights
+/// use, so no two tasks write one panel).
+const BLOCK: usize = 64;
+
+/// A multilayer perceptron with its Adam state and the buffers of a step. Introduced in
+/// chapter 3 (the VAE's encoder and decoder); chapters 4 and 5 build the GAN's two networks and
+/// the diffusion denoiser from it.
+pub struct Mlp {
+    layers: Vec<Dense>,
+    theta: Vec<f32>,
+    m: Vec<f32>,
+    v: Vec<f32>,
+    adam: AdamSettings,
+    steps: usize,
+    /// Per layer: Wᵀ packed (the forward pass's B operand) and W packed (for ∂h).
+    fwd: Vec<Vec<f32>>,
+    bwd: Vec<Vec<f32>>,
+    /// Weight-update tasks: (layer, first row, end row), largest first.
+    blocks: Vec<(usize, usize, usize)>,
+    /// The batch the buffers hold: rows, its chunks, and whether the last forward pass kept
+    /// what backward needs.
+    rows: usize,
+    chunks: Vec<(usize, usize)>,
+    ready: bool,
+    /// h₀ … h_L, B rows each.
+    h: Vec<Vec<f32>>,
+    /// ∂a₀ … ∂a_{L−1}.
+    da: Vec<Vec<f32>>,
+    /// ∂h₀ (the input gradient).
+    dinput: Vec<f32>,
+    /// hₗ packed as the B operand of ∂Wₗ = ∂aₗᵀ · hₗ.
+    packed_in: Vec<Vec<f32>>,
+}
+
+/// What a checkpoint stores of a network: its layers, parameters and Adam's state.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MlpState {
+    /// The layers, input to output.
+    pub layers: Vec<Layer>,
+    /// Every parameter, layer by layer, W then b.
+    pub parameters: Vec<f32>,
+    /// Adam's settings.
+    pub adam: AdamSettings,
+    /// Adam's first moments, in the layout of `parameters`.
+    pub m: Vec<f32>,
+    /// Adam's second moments.
+    pub v: Vec<f32>,
+    /// Adam steps taken.
+    pub steps: usize,
+}
+
+impl Mlp {
+    /// A network through the given widths (`[64, 256, 256, 16]` is three layers), with
+    /// `hidden` after every layer but the last (which has none), initialised like PyTorch's
+    /// and dfdx's `Linear` (W and b uniform in ±1/√in) from `seed`.
+    pub fn new(widths: &[usize], hidden: Activation, adam: AdamSettings, seed: u64) -> Result<Mlp> {
+        if widths.len() < 2 {
+            return Err(Error::param(
+                "widths",
+                format!("{widths:?}"),
+                "give at least an input and an output width, e.g. [64, 256, 10]",
+            ));
+        }
+        let layers: Vec<Layer> = widths
+            .windows(2)
+            .enumerate()
+            .map(|(i, w)| Layer {
+                inp: w[0],
+                out: w[1],
+                activation: if i + 2 == widths.len() {
+                    Activation::Identity
+                } else {
+                    hidden
+                },
+            })
+            .collect();
+        Mlp::with_layers(&layers, adam, seed)
+    }
+
+    /// A network of the given layers (each one's `inp` must be the previous one's `out`).
+    pub fn with_layers(layers: &[Layer], adam: AdamSettings, seed: u64) -> Result<Mlp> {
+        validate_layers(layers)?;
+        adam.validate()?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut theta = Vec::new();
+        for l in layers {
+            let bound = 1.0 / (l.inp as f32).sqrt();
+            let u = Uniform::new_inclusive(-bound, bound);
+            theta.extend((0..(l.inp + 1) * l.out).map(|_| u.sample(&mut rng)));
+        }
+        let n = theta.len();
+        let mut net = Mlp::empty(layers, adam);
+        net.restore_parts(theta, vec![0.0; n], vec![0.0; n], 0);
+        Ok(net)
+    }
+
+    fn empty(layers: &[Layer], adam: AdamSettings) -> Mlp {
+        let mut at = 0;
+        let dense: Vec<Dense> = layers
+            .iter()
+            .map(|l| {
+                let d = Dense {
+                    inp: l.inp,
+                    out: l.out,
+                    act: l.activation,
+                    at,
+                };
+                at += (l.inp + 1) * l.out;
+                d
+            })
+            .collect();
+        let mut blocks = vec![];
+        for (li, d) in dense.iter().enumerate() {
+            for r0 in (0..d.out).step_by(BLOCK) {
+                blocks.push((li, r0, (r0 + BLOCK).min(d.out)));
+            }
+        }
+        // Largest first, so the last tasks taken are short and the threads finish together.
+        blocks.sort_by_key(|&(li, r0, r1)| std::cmp::Reverse((r1 - r0) * dense[li].inp));
+        Mlp {
+            fwd: dense
+                .iter()
+                .map(|d| vec![0.0; d.inp * panel_cols(d.out)])
+                .collect(),
+            bwd: dense
+                .iter()
+                .map(|d| vec![0.0; d.out * panel_cols(d.inp)])
+                .collect(),
+            h: vec![vec![]; dense.len() + 1],
+            da: vec![vec![]; dense.len()],
+            packed_in: vec![vec![]; dense.len()],
+            layers: dense,
+            theta: vec![],
+            m: vec![],
+            v: vec![],
+            adam,
+            steps: 0,
+            blocks,
+            rows: 0,
+            chunks: vec![],
+            ready: false,
+            dinput: vec![],
+        }
+    }
+
+    /// The layers, input to output.
+    pub fn layers(&self) -> Vec<Layer> {
+        self.layers
+            .iter()
+            .map(|d| Layer {
+                inp: d.inp,
+                out: d.out,
+                activation: d.act,
+            })
+            .collect()
+    }
+
+    /// Input width.
+    pub fn input_width(&self) -> usize {
+        self.layers[0].inp
+    }
+
+    /// Output width.
+    pub fn output_width(&self) -> usize {
+        self.layers[self.layers.len() - 1].out
+    }
+
+    /// The output rows of the last [`Mlp::forward`] (empty before the first).
+    pub fn last_output(&self) -> &[f32] {
+        if self.ready {
+            &self.h[self.layers.len()]
+        } else {
+            &[]
+        }
+    }
+
+    /// Every parameter, layer by layer, W (out × in, row-major) then b.
+    pub fn parameters(&self) -> &[f32] {
+        &self.theta
+    }
+
+    /// Adam's settings.
+    pub fn adam(&self) -> AdamSettings {
+        self.adam
+    }
+
+    /// Changes Adam's settings (the moments and step count are kept).
+    pub fn set_adam(&mut self, adam: AdamSettings) -> Result<()> {
+        adam.validate()?;
+        self.adam = adam;
+        Ok(())
+    }
+
+    /// Adam steps taken.
+    pub fn steps(&self) -> usize {
+        self.steps
+    }
+
+    /// Replaces every parameter (layout of [`Mlp::parameters`]); Adam's state is kept.
+    pub fn set_parameters(&mut self, values: &[f32]) -> Result<()> {
+        check_len("Mlp::set_parameters", self.theta.len(), values.len())?;
+        check_finite("parameters", values)?;
+        let (m, v) = (std::mem::take(&mut self.m), std::mem::take(&mut self.v));
+        self.restore_parts(values.to_vec(), m, v, self.steps);
+        Ok(())
+    }
+
+    /// The network's state, for a checkpoint.
+    pub fn state(&self) -> MlpState {
+        MlpState {
+            layers: self.layers(),
+            parameters: self.theta.clone(),
+            adam: self.adam,
+            m: self.m.clone(),
+            v: self.v.clone(),
+            steps: self.steps,
+        }
+    }
+
+    /// A network from a checkpoint's state, checked: sizes against the layers, every value
+    /// finite, second moments ≥ 0, and a plausible step count.
+    pub fn from_state(state: MlpState) -> Result<Mlp> {
+        validate_layers(&state.layers)?;
+        state.adam.validate()?;
+        let n: usize = state.layers.iter().map(|l| (l.inp + 1) * l.out).sum();
+        check_len("checkpoint parameters", n, state.parameters.len())?;
+        check_len("checkpoint Adam m", n, state.m.len())?;
+        check_len("checkpoint Adam v", n, state.v.len())?;
+        check_finite("checkpoint parameters", &state.parameters)?;
+        check_finite("checkpoint Adam m", &state.m)?;
+        check_finite("checkpoint Adam v", &state.v)?;
+        if state.v.iter().any(|&v| v < 0.0) {
+            return Err(Error::param(
+                "checkpoint Adam v",
+                "a negative second moment",
+                "second moments are averages of squares: this checkpoint was edited or damaged",
+            ));
+        }
+        // Adam's bias correction divides by 1 − β₁ᵗ: t must be a real count of steps.
+        ensure(
+            state.steps <= i32::MAX as usize,
+            "checkpoint Adam steps",
+            state.steps,
+            "a step count this large was not written by training: the checkpoint is damaged",
+        )?;
+        let mut net = Mlp::empty(&state.layers, state.adam);
+        net.restore_parts(state.parameters, state.m, state.v, state.steps);
+        Ok(net)
+    }
+
+    fn restore_parts(&mut self, theta: Vec<f32>, m: Vec<f32>, v: Vec<f32>, steps: usize) {
+        self.theta = theta;
+        self.m = m;
+        self.v = v;
+        self.steps = steps;
+        self.ready = false;
+        for (li, d) in self.layers.iter().enumerate() {
+            let w = &self.theta[d.at..d.bias()];
+            let (fwd, bwd) = (&mut self.fwd[li], &mut self.bwd[li]);
+            // SAFETY: fwd and bwd were sized for this layer in `empty` (inp · panel_cols(out)
+            // and out · panel_cols(inp)), and `w` holds all `out` rows of W.
+            unsafe { pack_weight_rows(w, 0, d.inp, d.out, fwd.as_mut_ptr(), bwd.as_mut_ptr()) };
+        }
+    }
+
+    /// Sizes the buffers for `rows` rows (allocates only when the batch grows).
+    fn size_for(&mut self, rows: usize, training: bool) {
+        if self.rows != rows || self.chunks.is_empty() {
+            self.rows = rows;
+            self.chunks = row_chunks(rows, tile_rows());
+        }
+        let widths: Vec<usize> = std::iter::once(self.layers[0].inp)
+            .chain(self.layers.iter().map(|d| d.out))
+            .collect();
+        for (h, &w) in self.h.iter_mut().zip(&widths) {
+            h.resize(rows * w, 0.0);
+        }
+        if training {
+            for (li, d) in self.layers.iter().enumerate() {
+                self.da[li].resize(rows * d.out, 0.0);
+                self.packed_in[li].resize(rows * panel_cols(d.inp), 0.0);
+            }
+            self.dinput.resize(rows * self.layers[0].inp, 0.0);
+        }
+    }
+
+    fn check_input(&self, what: &str, x: &[f32], width: usize) -> Result<usize> {
+        if x.is_empty() || !x.len().is_multiple_of(width) {
+            return Err(Error::shape(
+                what,
+                format!("a whole number of rows of {width} values"),
+                format!("{} values", x.len()),
+            ));
+        }
+        let rows = x.len() / width;
+        ensure(
+            rows <= MAX_ROWS,
+            "rows",
+            rows,
+            &format!("pass at most {MAX_ROWS} rows at a time"),
+        )?;
+        Ok(rows)
+    }
+
+    /// The forward pass on a batch `x` (rows of [`Mlp::input_width`] values), keeping what
+    /// [`Mlp::backward`] needs; returns the output rows.
+    pub fn forward(&mut self, team: &Team, x: &[f32]) -> Result<&[f32]> {
+        let rows = self.check_input("Mlp::forward", x, self.input_width())?;
+        self.size_for(rows, true);
+        let packed_in = Some(&mut self.packed_in[..]);
+        run_forward(
+            &self.layers,
+            &self.theta,
+            &self.fwd,
+            &self.chunks,
+            &mut self.h,
+            packed_in,
+            x,
+            team,
+        )?;
+        self.ready = true;
+        Ok(&self.h[self.layers.len()])
+    }
+
+    /// The forward pass only, for inference on any number of rows (nothing kept for a
+    /// backward pass), in the network's own buffers; the output stays valid until the next
+    /// call.
+    pub fn infer(&mut self, team: &Team, x: &[f32]) -> Result<&[f32]> {
+        let rows = self.check_input("Mlp::infer", x, self.input_width())?;
+        self.size_for(rows, false);
+        self.ready = false;
+        run_forward(
+            &self.layers,
+            &self.theta,
+            &self.fwd,
+            &self.chunks,
+            &mut self.h,
+            None,
+            x,
+            team,
+        )?;
+        Ok(&self.h[self.layers.len()])
+    }
+
+    /// The forward pass only, into new buffers (the network is only read).
+    pub fn predict(&self, team: &Team, x: &[f32]) -> Result<Vec<f32>> {
+        let rows = self.check_input("Mlp::predict", x, self.input_width())?;
+        let chunks = row_chunks(rows, tile_rows());
+        let mut h: Vec<Vec<f32>> = std::iter::once(self.layers[0].inp)
+            .chain(self.layers.iter().map(|d| d.out))
+            .map(|w| vec![0.0; rows * w])
+            .collect();
+        run_forward(
+            &self.layers,
+            &self.theta,
+            &self.fwd,
+            &chunks,
+            &mut h,
+            None,
+            x,
+            team,
+        )?;
+        Ok(h.pop().unwrap_or_default())
+    }
+
+    /// The backward pass from ∂L/∂output (`dout`, one row per row of the last
+    /// [`Mlp::forward`]), doing `update` with the weight gradients.
+    pub fn backward(&mut self, team: &Team, dout: &[f32], update: Update<'_>) -> Result<()> {
+        self.backward_impl(team, dout, update, false)
+    }
+
+    /// [`Mlp::backward`], also returning ∂L/∂input (one row per input row).
+    pub fn backward_with_input(
+        &mut self,
+        team: &Team,
+        dout: &[f32],
+        update: Update<'_>,
+    ) -> Result<&[f32]> {
+        self.backward_impl(team, dout, update, true)?;
+        Ok(&self.dinput)
+    }
+
+    fn backward_impl(
+        &mut self,
+        team: &Team,
+        dout: &[f32],
+        mut update: Update<'_>,
+        want_input: bool,
+    ) -> Result<()> {
+        if !self.ready {
+            return Err(Error::param(
+                "Mlp::backward",
+                "no forward pass to go back through",
+                "call forward (not infer) on the batch first",
+            ));
+        }
+        let rows = self.rows;
+        let top = self.layers.len() - 1;
+        check_len(
+            "Mlp::backward (∂output)",
+            rows * self.output_width(),
+            dout.len(),
+        )?;
+        if let Update::Gradient(g) = &update {
+            check_len("Mlp::backward (gradient buffer)", self.theta.len(), g.len())?;
+        }
+        // Stretch 1, by chunks of rows: ∂a of every layer, top down, and ∂input.
+        let sh = Shared::of(self);
+        let (layers, chunks) = (&self.layers, &self.chunks);
+        team.run(chunks.len(), &|q| {
+            let (i0, i1) = chunks[q];
+            // SAFETY: task q alone writes rows i0..i1 of ∂a and ∂input; it reads rows i0..i1
+            // of h and the packed weights, which nobody writes during this stretch.
+            unsafe {
+                let d = layers[top];
+                let da = sh.da[top].part_mut(i0 * d.out, i1 * d.out);
+                let h = sh.h[top + 1].part(i0 * d.out, i1 * d.out);
+                let g = &dout[i0 * d.out..i1 * d.out];
+                for ((a, &h), &g) in da.iter_mut().zip(h).zip(g) {
+                    *a = d.act.backward(h, g);
+                }
+                for li in (0..=top).rev() {
+                    let d = layers[li];
+                    let (target, epi) = if li > 0 {
+                        let below = layers[li - 1];
+                        let h = sh.h[li].part(i0 * d.inp, i1 * d.inp);
+                        (sh.da[li - 1], below.act.mask_epilogue(h))
+                    } else if want_input {
+                        (sh.dinput, Epilogue::Store)
+                    } else {
+                        break;
+                    };
+                    let a = sh.da[li].part(i0 * d.out, i1 * d.out);
+                    gemm(
+                        i1 - i0,
+                        d.inp,
+                        d.out,
+                        StridedA::rows(a, d.out),
+                        sh.bwd[li].all(),
+                        target.part_mut(i0 * d.inp, i1 * d.inp),
+                        d.inp,
+                        epi,
+                    );
+                }
+            }
+        })?;
+        // Stretch 2, by blocks of weight rows: ∂W = ∂aᵀ·h over the whole batch, ∂b.
+        let adam = match update {
+            Update::None => return Ok(()),
+            Update::Adam => Some(AdamConsts::new(AdamStep {
+                lr: self.adam.lr as f32,
+                beta1: self.adam.beta1 as f32,
+                beta2: self.adam.beta2 as f32,
+                eps: self.adam.eps as f32,
+                t: i32::try_from(self.steps + 1).unwrap_or(i32::MAX),
+            })),
+            Update::Gradient(_) => None,
+        };
+        let grads = match &mut update {
+            Update::Gradient(g) => Some(Raw::of(g)),
+            _ => None,
+        };
+        let blocks = &self.blocks;
+        team.run(blocks.len(), &|i| {
+            let (li, r0, r1) = blocks[i];
+            // SAFETY: block i alone touches rows r0..r1 of layer li's W, b, m, v, their packed
+            // copies and the gradient buffer; ∂a and the packed inputs are complete (stretch 1
+            // and the forward pass) and only read.
+            unsafe { update_block(&sh, layers[li], li, (r0, r1), rows, adam, grads) };
+        })?;
+        if adam.is_some() {
+            self.steps += 1;
+        }
+        Ok(())
+    }
+}
+
+/// hₗ₊₁ = act(hₗ · Wₗᵀ + bₗ) for every layer, by chunks of rows across the team; with
+/// `packed_in`, each hₗ is also packed as the B operand of ∂Wₗ.
+#[allow(clippy::too_many_arguments)]
+fn run_forward(
+    layers: &[Dense],
+    theta: &[f32],
+    fwd: &[Vec<f32>],
+    chunks: &[(usize, usize)],
+    h: &mut [Vec<f32>],
+    packed_in: Option<&mut [Vec<f32>]>,
+    x: &[f32],
+    team: &Team,
+) -> Result<()> {
+    let rows = x.len() / layers[0].inp;
+    let h: Vec<Raw> = h.iter_mut().map(|b| Raw::of(b)).collect();
+    let packed: Option<Vec<Raw>> = packed_in.map(|p| p.iter_mut().map(|b| Raw::of(b)).collect());
+    team.run(chunks.len(), &|q| {
+        let (i0, i1) = chunks[q];
+        let w0 = layers[0].inp;
+        // SAFETY: task q alone writes rows i0..i1 of every activation buffer and of the
+        // packed inputs; the weights are only read during this call.
+        unsafe { h[0].part_mut(i0 * w0, i1 * w0) }.copy_from_slice(&x[i0 * w0..i1 * w0]);
+        for (li, d) in layers.iter().enumerate() {
+            // SAFETY: as above (rows i0..i1 of hₗ were written by this task).
+            let input = unsafe { h[li].part(i0 * d.inp, i1 * d.inp) };
+            if let Some(p) = &packed {
+                // SAFETY: packed_in[li] holds rows · panel_cols(inp) floats (size_for) and
+                // this task alone writes its rows i0..i1.
+                unsafe { pack_b_rows(input, i0, rows, d.inp, p[li].ptr) };
+            }
+            // SAFETY: as above.
+            let out = unsafe { h[li + 1].part_mut(i0 * d.out, i1 * d.out) };
+            let bias = &theta[d.bias()..d.bias() + d.out];
+            gemm(
+                i1 - i0,
+                d.out,
+                d.inp,
+                StridedA::rows(input, d.inp),
+                &fwd[li],
+                out,
+                d.out,
+                d.act.forward_epilogue(bias),
+            );
+        }
+    })
+}
+
+thread_local! {
+    /// Each thread's buffer for ∂aᵀ packed as the A operand of ∂W (grows once, then reused).
+    static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// ∂W and ∂b for rows r0..r1 of layer `li`, then Adam on them (or stored into `grads`).
+///
+/// # Safety
+/// The caller alone touches rows r0..r1 of this layer's parameters, moments, packed weights and
+/// gradient rows; ∂a of the layer and its packed input are complete and not written meanwhile.
+unsafe fn update_block(
+    sh: &Shared,
+    d: Dense,
+    li: usize,
+    (r0, r1): (usize, usize),
+    rows: usize,
+    adam: Option<AdamConsts>,
+    grads: Option<Raw>,
+) {
+    let n = r1 - r0;
+    // SAFETY: as the function's contract says, these ranges are this task's alone or
+    // read-only during this stretch.
+    let (da, packed) = unsafe { (sh.da[li].all(), sh.packed_in[li].all()) };
+    let (w0, w1, b0) = (d.at + r0 * d.inp, d.at + r1 * d.inp, d.bias() + r0);
+    A_PACK.with(|cell| {
+        let mut a_pack = cell.borrow_mut();
+        let need = packed_a_len(n, rows);
+        if a_pack.len() < need {
+            a_pack.resize(need, 0.0);
+        }
+        pack_a_transposed(da, d.out, r0, n, rows, &mut a_pack);
+        let a = StridedA::packed(&a_pack, rows);
+        let mut db = [0.0f32; BLOCK];
+        let db = &mut db[..n];
+        column_sums(da, d.out, r0, db);
+        // SAFETY: rows r0..r1 (W: w0..w1, b: b0..b0 + n) belong to this task alone.
+        unsafe {
+            match (adam, grads) {
+                (Some(step), _) => {
+                    let rows_of = |buf: Raw| buf.part_mut(w0, w1);
+                    let target =
+                        AdamRows::new(rows_of(sh.theta), rows_of(sh.m), rows_of(sh.v), d.inp, step);
+                    gemm(
+                        n,
+                        d.inp,
+                        rows,
+                        a,
+                        packed,
+                        &mut [],
+                        d.inp,
+                        Epilogue::Adam(&target),
+                    );
+                    let bias = |buf: Raw| buf.part_mut(b0, b0 + n);
+                    adam_update(step, bias(sh.theta), bias(sh.m), bias(sh.v), db);
+                    let w = sh.theta.part(w0, w1);
+                    pack_weight_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr, sh.bwd[li].ptr);
+                }
+                (None, Some(g)) => {
+                    let gw = g.part_mut(w0, w1);
+                    gemm(n, d.inp, rows, a, packed, gw, d.inp, Epilogue::Store);
+                    g.part_mut(b0, b0 + n).copy_from_slice(db);
+                }
+                (None, None) => {}
+            }
+        }
+    });
+}
+
+/// Chunks of about a quarter of the batch (more for large batches, at most ~128 rows each),
+/// cut at whole kernel tiles of `mr` rows and balanced in tiles.
+fn row_chunks(rows: usize, mr: usize) -> Vec<(usize, usize)> {
+    let tiles = rows.div_ceil(mr);
+    let count = rows.div_ceil(128).max(4).min(tiles).max(1);
+    let (base, extra) = (tiles / count, tiles % count);
+    let mut out = Vec::with_capacity(count);
+    let mut start = 0;
+    for c in 0..count {
+        let t = base + usize::from(c < extra);
+        let end = ((start / mr + t) * mr).min(rows);
+        out.push((start, end));
+        start = end;
+    }
+    out
+}
+
+fn validate_layers(layers: &[Layer]) -> Result<()> {
+    if layers.is_empty() {
+        return Err(Error::param(
+            "layers",
+            "none",
+            "a network needs at least one layer",
+        ));
+    }
+    let mut total = 0usize;
+    for (i, l) in layers.iter().enumerate() {
+        for (name, w) in [("inp", l.inp), ("out", l.out)] {
+            ensure(
+                (1..=MAX_WIDTH).contains(&w),
+                &format!("layer {i} {name}"),
+                w,
+                &format!("a layer width lies between 1 and {MAX_WIDTH}"),
+            )?;
+        }
+        if i > 0 && layers[i - 1].out != l.inp {
+            return Err(Error::shape(
+                &format!("layer {i}'s input"),
+                format!("{} (layer {}'s output)", layers[i - 1].out, i - 1),
+                l.inp,
+            ));
+        }
+        if let Activation::LeakyRelu(alpha) = l.activation {
+            ensure(
+                alpha > 0.0 && alpha < 1.0,
+                &format!("layer {i} LeakyRelu slope"),
+                alpha,
+                "use a slope between 0 and 1, e.g. 0.2 (0 is Activation::Relu)",
+            )?;
+        }
+        total = total.saturating_add((l.inp + 1).saturating_mul(l.out));
+    }
+    ensure(
+        total <= MAX_PARAMETERS,
+        "parameters",
+        total,
+        &format!("use smaller layers: at most {MAX_PARAMETERS} parameters"),
+    )
+}
+
+fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
+    if expected != got {
+        return Err(Error::shape(what, expected, got));
+    }
+    Ok(())
+}
+
+fn check_finite(what: &str, values: &[f32]) -> Result<()> {
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::param(
+            what,
+            format!("value {} at index {i}", values[i]),
+            "every value must be a finite number",
+        ));
+    }
+    Ok(())
+}
+
+/// A buffer as a raw pointer and length, shared by the tasks of one call.
+#[derive(Clone, Copy)]
+pub(crate) struct Raw {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: a Raw is only dereferenced under the discipline stated at each use: within one
+// stretch of tasks, each task writes only its own rows and reads only what nobody writes.
+unsafe impl Send for Raw {}
+// SAFETY: as for Send.
+unsafe impl Sync for Raw {}
+
+impl Raw {
+    fn of(v: &mut [f32]) -> Raw {
+        Raw {
+            ptr: v.as_mut_ptr(),
+            len: v.len(),
+        }
+    }
+
+    /// # Safety
+    /// Nobody writes the buffer while the slice lives.
+    unsafe fn all<'a>(self) -> &'a [f32] {
+        // SAFETY: ptr/len come from a live slice (`Raw::of`); the caller rules out writers.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// # Safety
+    /// Nobody writes `start..end` while the slice lives.
+    unsafe fn part<'a>(self, start: usize, end: usize) -> &'a [f32] {
+        assert!(start <= end && end <= self.len);
+        // SAFETY: in bounds (asserted); the caller rules out writers.
+        unsafe { std::slice::from_raw_parts(self.ptr.add(start), end - start) }
+    }
+
+    /// # Safety
+    /// Nobody else reads or writes `start..end` while the slice lives.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn part_mut<'a>(self, start: usize, end: usize) -> &'a mut [f32] {
+        assert!(start <= end && end <= self.len);
+        // SAFETY: in bounds (asserted); the caller makes this range exclusive.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(start), end - start) }
+    }
+}
+
+/// Raw views of a network's buffers for the tasks of one call.
+struct Shared {
+    theta: Raw,
+    m: Raw,
+    v: Raw,
+    fwd: Vec<Raw>,
+    bwd: Vec<Raw>,
+    h: Vec<Raw>,
+    da: Vec<Raw>,
+    dinput: Raw,
+    packed_in: Vec<Raw>,
+}
+
+impl Shared {
+    fn of(net: &mut Mlp) -> Shared {
+        let raws = |v: &mut Vec<Vec<f32>>| v.iter_mut().map(|b| Raw::of(b)).collect();
+        Shared {
+            theta: Raw::of(&mut net.theta),
+            m: Raw::of(&mut net.m),
+            v: Raw::of(&mut net.v),
+            fwd: raws(&mut net.fwd),
+            bwd: raws(&mut net.bwd),
+            h: raws(&mut net.h),
+            da: raws(&mut net.da),
+            dinput: Raw::of(&mut net.dinput),
+            packed_in: raws(&mut net.packed_in),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_cover_the_batch_at_tile_boundaries() {
+        for mr in [5, 8, 12] {
+            for rows in [1, 4, 7, 37, 100, 128, 1000] {
+                let c = row_chunks(rows, mr);
+                assert_eq!(c[0].0, 0);
+                assert_eq!(c[c.len() - 1].1, rows);
+                for w in c.windows(2) {
+                    assert_eq!(w[0].1, w[1].0);
+                    assert!(w[0].1 % mr == 0);
+                }
+                assert!(c.iter().all(|&(a, b)| b > a), "{rows} {mr} {c:?}");
+            }
+        }
+    }
+}
