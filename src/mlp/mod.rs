@@ -37,7 +37,7 @@
 pub mod reference;
 mod team;
 
-pub(crate) use team::FlushDenormals;
+pub use team::FlushDenormals;
 pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
@@ -918,5 +918,110 @@ mod tests {
                 assert!(c.iter().all(|&(a, b)| b > a), "{rows} {mr} {c:?}");
             }
         }
+    }
+
+    /// A tiny network on one and two threads: the gradient equals central finite differences
+    /// of L = Σ output ⊙ R (small enough to run under Miri, which checks the engine's unsafe).
+    #[test]
+    fn tiny_network_gradient_matches_finite_differences() {
+        let layers = [
+            Layer {
+                inp: 3,
+                out: 5,
+                activation: Activation::LeakyRelu(0.3),
+            },
+            Layer {
+                inp: 5,
+                out: 18,
+                activation: Activation::Identity,
+            },
+            Layer {
+                inp: 18,
+                out: 2,
+                activation: Activation::Identity,
+            },
+        ];
+        let rows = 7;
+        let x: Vec<f32> = (0..rows * 3)
+            .map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0)
+            .collect();
+        let r: Vec<f32> = (0..rows * 2)
+            .map(|i| ((i * 5) % 7) as f32 / 3.0 - 1.0)
+            .collect();
+        for threads in [1, 2] {
+            let team = Team::new(threads);
+            let mut net = Mlp::with_layers(&layers, AdamSettings::default(), 3).unwrap();
+            let loss = |net: &Mlp| -> f64 {
+                let y = net.predict(&Team::new(1), &x).unwrap();
+                y.iter().zip(&r).map(|(a, b)| (a * b) as f64).sum()
+            };
+            net.forward(&team, &x).unwrap();
+            let mut g = vec![0.0; net.parameters().len()];
+            let dx = net
+                .backward_with_input(&team, &r, Update::Gradient(&mut g))
+                .unwrap()
+                .to_vec();
+            assert_eq!(dx.len(), x.len());
+            let theta = net.parameters().to_vec();
+            let h = 1e-2f32;
+            for i in 0..theta.len() {
+                let mut p = theta.clone();
+                p[i] = theta[i] + h;
+                net.set_parameters(&p).unwrap();
+                let up = loss(&net);
+                p[i] = theta[i] - h;
+                net.set_parameters(&p).unwrap();
+                let down = loss(&net);
+                let fd = (up - down) / (2.0 * h as f64);
+                assert!(
+                    (fd - g[i] as f64).abs() < 2e-3 * (1.0 + fd.abs()),
+                    "parameter {i}: engine {} vs finite difference {fd}",
+                    g[i]
+                );
+            }
+            net.set_parameters(&theta).unwrap();
+            // One Adam step moves every parameter that has a gradient, and counts.
+            net.forward(&team, &x).unwrap();
+            net.backward(&team, &r, Update::Adam).unwrap();
+            assert_eq!(net.steps(), 1);
+            let moved = net
+                .parameters()
+                .iter()
+                .zip(&theta)
+                .filter(|(a, b)| a != b)
+                .count();
+            assert_eq!(moved, g.iter().filter(|v| **v != 0.0).count());
+        }
+    }
+
+    #[test]
+    fn bad_shapes_and_sizes_are_errors() {
+        let team = Team::new(1);
+        let adam = AdamSettings::default();
+        assert!(Mlp::new(&[4], Activation::Relu, adam, 0).is_err());
+        assert!(Mlp::new(&[4, 0, 2], Activation::Relu, adam, 0).is_err());
+        assert!(Mlp::new(&[4, 1 << 20, 2], Activation::Relu, adam, 0).is_err());
+        assert!(Mlp::new(&[4, 8, 2], Activation::LeakyRelu(1.5), adam, 0).is_err());
+        let mut net = Mlp::new(&[4, 8, 2], Activation::Relu, adam, 0).unwrap();
+        assert!(
+            net.backward(&team, &[0.0; 2], Update::Adam).is_err(),
+            "no forward yet"
+        );
+        assert!(net.forward(&team, &[0.0; 6]).is_err());
+        assert!(net.forward(&team, &[]).is_err());
+        net.forward(&team, &[0.0; 8]).unwrap();
+        assert!(net.backward(&team, &[0.0; 3], Update::Adam).is_err());
+        assert!(net
+            .backward(&team, &[0.0; 4], Update::Gradient(&mut [0.0; 3]))
+            .is_err());
+        let mut state = net.state();
+        state.steps = usize::MAX;
+        assert!(Mlp::from_state(state.clone()).is_err());
+        state.steps = 3;
+        state.v[0] = -1.0;
+        assert!(Mlp::from_state(state.clone()).is_err());
+        state.v[0] = 0.0;
+        state.parameters.pop();
+        assert!(Mlp::from_state(state).is_err());
     }
 }

@@ -173,14 +173,14 @@ pub fn threads_wanted() -> usize {
 /// floating-point mode: training on tiny gradients and Adam moments otherwise slows to a crawl
 /// (denormal arithmetic costs ~100 cycles), and a notebook's cell thread must get its own mode
 /// back afterwards.
-pub(crate) struct FlushDenormals {
+pub struct FlushDenormals {
     #[cfg(all(target_arch = "x86_64", not(miri)))]
     saved: u32,
 }
 
 impl FlushDenormals {
     /// Sets flush-to-zero and denormals-are-zero (x86-64; elsewhere nothing).
-    pub(crate) fn new() -> Self {
+    pub fn new() -> Self {
         #[cfg(all(target_arch = "x86_64", not(miri)))]
         {
             let saved = mxcsr::get();
