@@ -461,9 +461,27 @@ impl Mlp {
     /// The forward pass on a batch `x` (rows of [`Mlp::input_width`] values), keeping what
     /// [`Mlp::backward`] needs; returns the output rows.
     pub fn forward(&mut self, team: &Team, x: &[f32]) -> Result<&[f32]> {
-        let rows = self.check_input("Mlp::forward", x, self.input_width())?;
-        self.size_for(rows, true);
-        let packed_in = Some(&mut self.packed_in[..]);
+        self.forward_in_place("Mlp::forward", team, x, true)
+    }
+
+    /// The forward pass only, for inference on any number of rows (nothing kept for a
+    /// backward pass), in the network's own buffers; the output stays valid until the next
+    /// call.
+    pub fn infer(&mut self, team: &Team, x: &[f32]) -> Result<&[f32]> {
+        self.forward_in_place("Mlp::infer", team, x, false)
+    }
+
+    fn forward_in_place(
+        &mut self,
+        what: &str,
+        team: &Team,
+        x: &[f32],
+        training: bool,
+    ) -> Result<&[f32]> {
+        let rows = self.check_input(what, x, self.input_width())?;
+        self.size_for(rows, training);
+        self.ready = false;
+        let packed_in = training.then_some(&mut self.packed_in[..]);
         run_forward(
             &self.layers,
             &self.theta,
@@ -474,27 +492,7 @@ impl Mlp {
             x,
             team,
         )?;
-        self.ready = true;
-        Ok(&self.h[self.layers.len()])
-    }
-
-    /// The forward pass only, for inference on any number of rows (nothing kept for a
-    /// backward pass), in the network's own buffers; the output stays valid until the next
-    /// call.
-    pub fn infer(&mut self, team: &Team, x: &[f32]) -> Result<&[f32]> {
-        let rows = self.check_input("Mlp::infer", x, self.input_width())?;
-        self.size_for(rows, false);
-        self.ready = false;
-        run_forward(
-            &self.layers,
-            &self.theta,
-            &self.fwd,
-            &self.chunks,
-            &mut self.h,
-            None,
-            x,
-            team,
-        )?;
+        self.ready = training;
         Ok(&self.h[self.layers.len()])
     }
 

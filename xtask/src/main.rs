@@ -141,13 +141,20 @@ fn setup_evcxr() -> Result<PathBuf> {
     println!(
         "[setup] installing evcxr_jupyter {EVCXR_VERSION} (a cold build takes about 10 minutes)"
     );
-    status(Command::new("cargo").args([
-        "install",
-        "evcxr_jupyter",
-        "--version",
-        EVCXR_VERSION,
-        "--locked",
-    ]))?;
+    // opt-level 1 and no debug info halve the build (about 6 instead of 10 to 14 minutes on 2
+    // cores) with the same cell latency (the kernel's own work is compiling and linking cells).
+    status(
+        Command::new("cargo")
+            .args([
+                "install",
+                "evcxr_jupyter",
+                "--version",
+                EVCXR_VERSION,
+                "--locked",
+            ])
+            .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "1")
+            .env("CARGO_PROFILE_RELEASE_DEBUG", "0"),
+    )?;
     Ok(bin)
 }
 
