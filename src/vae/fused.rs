@@ -24,8 +24,8 @@ use super::Likelihood;
 use crate::data::PIXELS;
 use crate::error::{Error, Result};
 use crate::kernels::{
-    adam_update, column_sums, gemm, pack_a_transposed, pack_b_rows, pack_weight_rows, panel_cols,
-    AdamConsts, AdamRows, AdamStep, Epilogue, SpinBarrier, StridedA, MR,
+    adam_update, column_sums, gemm, pack_a_transposed, pack_b_rows, pack_weight_rows, packed_a_len,
+    panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, SpinBarrier, StridedA,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -401,10 +401,11 @@ impl FusedVae {
 
 /// Rows per chunk of a minibatch of `b`: about a quarter, a whole number of kernel tiles.
 fn chunk_rows(b: usize) -> usize {
-    if b < 4 * MR {
+    let mr = tile_rows();
+    if b < 4 * mr {
         b.max(1)
     } else {
-        b.div_ceil(4).div_ceil(MR) * MR
+        b.div_ceil(4).div_ceil(mr) * mr
     }
 }
 
@@ -535,7 +536,7 @@ impl Job<'_> {
         blocks.sort_by_key(|blk| std::cmp::Reverse(cost(blk)));
         let mut records = Vec::with_capacity(if t == 0 { self.batches.len() } else { 0 });
         let mut bias_grad = vec![0.0f32; BLOCK];
-        let mut a_pack = vec![0.0f32; BLOCK.div_ceil(MR) * MR * b];
+        let mut a_pack = vec![0.0f32; packed_a_len(BLOCK, b)];
         for (s, batch) in self.batches.iter().enumerate() {
             let eps = &self.eps[s * b * l..(s + 1) * b * l];
             // SAFETY: a chunk's task writes only that chunk's rows of the activations and
@@ -743,10 +744,11 @@ impl Job<'_> {
             column_sums(d_out, d.out, r0, grads.part_mut(bias0, bias0 + r1 - r0));
             return;
         }
+        let w1 = d.at + r1 * d.inp;
         let rows = AdamRows {
-            theta: sh.theta.ptr.add(w0),
-            m: sh.m.ptr.add(w0),
-            v: sh.v.ptr.add(w0),
+            theta: sh.theta.part_mut(w0, w1),
+            m: sh.m.part_mut(w0, w1),
+            v: sh.v.part_mut(w0, w1),
             ld: d.inp,
             step: adam,
         };
@@ -758,7 +760,7 @@ impl Job<'_> {
             packed,
             &mut [],
             d.inp,
-            Epilogue::Adam(&rows),
+            Epilogue::Adam(rows),
         );
         let db = &mut bias_grad[..r1 - r0];
         column_sums(d_out, d.out, r0, db);
