@@ -27,6 +27,8 @@ pub mod elbo;
 pub mod error;
 mod kernels;
 pub mod math;
+#[doc(hidden)]
+pub mod perf;
 pub mod plot;
 pub mod train;
 pub mod vae;

@@ -2,12 +2,14 @@
 //! line with the same keys as the PyTorch reference script.
 //!
 //!     cargo run --release --bin genlab-bench -- vae-digits [--seed N] [--steps-scale X]
+//!     cargo run --release --features bench-gemm --bin genlab-bench -- gemm [--rounds N]
 
 use genlab::vae::{Vae, VaeConfig};
 use std::process::ExitCode;
 use std::time::Instant;
 
-const USAGE: &str = "usage: genlab-bench vae-digits [--seed N] [--steps-scale X]";
+const USAGE: &str =
+    "usage: genlab-bench vae-digits [--seed N] [--steps-scale X] | genlab-bench gemm [--rounds N]";
 
 fn main() -> ExitCode {
     match run() {
@@ -25,6 +27,9 @@ fn main() -> ExitCode {
 fn run() -> Result<String, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let workload = args.first().ok_or("name a workload")?.clone();
+    if workload == "gemm" {
+        return gemm_table(&args[1..]);
+    }
     let (mut seed, mut scale) = (0u64, 1.0f64);
     let mut it = args.iter().skip(1);
     while let Some(flag) = it.next() {
@@ -49,6 +54,20 @@ fn run() -> Result<String, String> {
         "vae-digits" => vae_digits(seed, scale),
         other => Err(format!("unknown workload `{other}`")),
     }
+}
+
+/// The matrix-multiply kernels against the `gemm` crate, as a Markdown table.
+fn gemm_table(args: &[String]) -> Result<String, String> {
+    let rounds = match args {
+        [] => 5,
+        [flag, value] if flag == "--rounds" => value
+            .parse()
+            .ok()
+            .filter(|&r: &usize| r > 0)
+            .ok_or(format!("--rounds {value}: not a positive integer"))?,
+        _ => return Err(format!("unknown options {args:?}")),
+    };
+    Ok(genlab::perf::gemm_table(rounds))
 }
 
 /// W1: the VAE of WORKLOADS.md (H = 256, L = 8, Adam 1e-3, batch 100, 100 epochs).
