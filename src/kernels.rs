@@ -34,11 +34,35 @@
 //! kernels run only after run-time detection of their CPU features. [`pack_b_rows`] and
 //! [`pack_weight_rows`] write through raw pointers into buffers shared by threads, so they stay
 //! `unsafe fn` with their contracts in `# Safety`. Every `unsafe` block says why it is sound.
-//! The tests run under Miri (portable and AVX2 paths; see the report in the module tests).
+//! The tests run under Miri: the portable and AVX2 paths in full, the AVX-512 path except its
+//! (leaky) ReLU epilogues (Miri has no `vmaxps`/`vcmpps` on zmm). dfdx 0.13 does not build on
+//! today's nightly, so Miri runs this file in a crate of its own
+//! (`#[path = ".../src/kernels.rs"] mod kernels;` plus a `portable` feature).
 //!
 //! # Measured (GFLOP/s; `genlab-bench gemm`, 2-core AMD EPYC with AVX-512)
-//! See the table in [`crate::perf`]'s docs; the conclusion is summarised there and here:
-//! PERF_SUMMARY_PLACEHOLDER
+//! One thread, median of 5, what the engine pays per call (B pre-packed; bias + ReLU, the
+//! ReLU mask or Adam fused; for ∂W the A packing included). The `gemm` crate 0.19 (stable:
+//! its AVX2 path) gets the same work with the epilogue as a separate vectorised pass.
+//!
+//! | m × k × n | role | AVX-512 (ours) | AVX2 (ours) | `gemm` 0.19 |
+//! | --- | --- | --- | --- | --- |
+//! | 100 × 64 × 256 | forward | 214 | 121 | 118 |
+//! | 100 × 256 × 256 | forward | 241 | 123 | 123 |
+//! | 100 × 256 × 64 | forward | 242 | 121 | 123 |
+//! | 128 × 512 × 512 | forward | 253 | 118 | 120 |
+//! | 1000 × 512 × 512 | forward | 246 | 118 | 125 |
+//! | 100 × 256 × 256 | ∂in, ReLU mask | 238 | 121 | 122 |
+//! | 64 × 100 × 256 | ∂W + Adam | 200 | 98 | 103 |
+//! | 64 × 256 × 512 | ∂W + Adam | 224 | 106 | 104 |
+//! | 2048³ | plain | 231 | 114 | 119 |
+//!
+//! Conclusion: on stable Rust the `gemm` crate is as fast as our AVX2 kernel (within ~5 %,
+//! epilogue pass included) but not faster on any of these shapes, and our AVX-512 kernel is
+//! ~2× both on every one, so we keep our own. MR = 8 was chosen by measurement: MR = 6 was
+//! 3 to 10 % slower on the 100-row shapes, MR = 10 and 12 (20 and 24 accumulators plus one
+//! A pointer per row) fell to ~75 GFLOP/s. Two threads (rows split, threads spawned per call)
+//! only pay from about 128 × 512 × 512 (306 vs 253); below that the spawn costs more than it
+//! saves, so small products should run on threads that already exist, or on one.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -1376,6 +1400,14 @@ mod tests {
         {
             assert_eq!(ks.len(), 3, "this CPU should run all three kernels");
         }
+        // Under Miri too: the kernels enabled at compile time are the ones tested.
+        let x86 = cfg!(all(target_arch = "x86_64", not(feature = "portable")));
+        if x86 && cfg!(all(target_feature = "avx2", target_feature = "fma")) {
+            assert!(ks.contains(&Kernel::Avx2));
+        }
+        if x86 && cfg!(target_feature = "avx512f") {
+            assert!(ks.contains(&Kernel::Avx512));
+        }
         for (m, n, k) in shapes() {
             let a = values(m * k, 1);
             let b = values(k * n, 2);
@@ -1403,6 +1435,11 @@ mod tests {
             for &kernel in &ks {
                 for (ai, &av) in layouts.iter().enumerate() {
                     for ei in 0..6 {
+                        // Miri implements neither vmaxps nor vcmpps (zmm): the AVX-512
+                        // (leaky) ReLU epilogues are tested natively only.
+                        if cfg!(miri) && kernel == Kernel::Avx512 && (2..6).contains(&ei) {
+                            continue;
+                        }
                         let mut c = vec![f32::NAN; m * n];
                         let epi = epilogue(ei, &bias, &h);
                         gemm_on(kernel, m, n, k, av, &packed, &mut c, n, epi);
@@ -1711,9 +1748,11 @@ mod tests {
         };
         let (mut th, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.0; 2], vec![0.0; 2]);
         adam_update(AdamConsts::new(s), &mut th, &mut m, &mut v, &[1.0, 2.0]);
-        // Step 1: m̂ = g, v̂ = g², so θ moves by lr·sign(g).
+        // Step 1: m̂ = g, v̂ = g², so θ moves by lr·sign(g). Miri perturbs powi by design,
+        // and 1 − β₂¹ magnifies that by 1000.
+        let tol = if cfg!(miri) { 1e-4 } else { 1e-6 };
         assert!(
-            (th[0] - 0.9).abs() < 1e-6 && (th[1] + 2.1).abs() < 1e-6,
+            (th[0] - 0.9).abs() < tol && (th[1] + 2.1).abs() < tol,
             "{th:?}"
         );
         assert!((m[0] - 0.1).abs() < 1e-7 && (v[1] - 0.004).abs() < 1e-7);
