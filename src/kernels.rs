@@ -659,10 +659,13 @@ pub(crate) fn gemm_on(
     // (`c` and `epi`'s slices), mutable ones exclusive; the kernel's CPU features are present
     // (`kernel.available()`, asserted above).
     match kernel {
+        // SAFETY: as for all arms, above.
         Kernel::Portable => unsafe { gemm_portable(m, n, k, a, t, b, out, e) },
         #[cfg(all(target_arch = "x86_64", not(feature = "portable")))]
+        // SAFETY: as for all arms, above.
         Kernel::Avx2 => unsafe { x86::gemm_avx2(m, n, k, a, t, b, out, e) },
         #[cfg(all(target_arch = "x86_64", not(feature = "portable")))]
+        // SAFETY: as for all arms, above.
         Kernel::Avx512 => unsafe { x86::gemm_avx512::<MR_AVX512>(m, n, k, a, t, b, out, e) },
         #[cfg(not(all(target_arch = "x86_64", not(feature = "portable"))))]
         Kernel::Avx2 | Kernel::Avx512 => unreachable!("not available in this build"),
