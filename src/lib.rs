@@ -29,6 +29,8 @@ mod kernels;
 pub mod loss;
 pub mod math;
 pub mod mlp;
+#[doc(hidden)]
+pub mod perf;
 pub mod plot;
 pub mod train;
 pub mod vae;

@@ -3,16 +3,18 @@
 //!
 //!     cargo run --release --bin genlab-bench -- vae-digits [--seed N] [--steps-scale X]
 //!     cargo run --release --bin genlab-bench -- mlp [--steps-scale X]
+//!     cargo run --release --features bench-gemm --bin genlab-bench -- gemm [--rounds N]
 //!
 //! `mlp` measures the engine itself on W3's denoiser (128 → 512 → 512 → 512 → 64): GFLOP/s of
 //! a training step (forward, backward, Adam) at batch 128 and of inference at batch 1,000, next
-//! to the machine's peak for one large multiply by the same kernels.
+//! to the machine's peak for one large multiply by the same kernels. `gemm` times the matrix
+//! multiply kernels on the engine's shapes against the `gemm` crate.
 
 use genlab::vae::{Vae, VaeConfig};
 use std::process::ExitCode;
 use std::time::Instant;
 
-const USAGE: &str = "usage: genlab-bench vae-digits|mlp [--seed N] [--steps-scale X]";
+const USAGE: &str = "usage: genlab-bench vae-digits|mlp [--seed N] [--steps-scale X] | genlab-bench gemm [--rounds N]";
 
 fn main() -> ExitCode {
     match run() {
@@ -30,6 +32,9 @@ fn main() -> ExitCode {
 fn run() -> Result<String, String> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let workload = args.first().ok_or("name a workload")?.clone();
+    if workload == "gemm" {
+        return gemm_table(&args[1..]);
+    }
     let (mut seed, mut scale) = (0u64, 1.0f64);
     let mut it = args.iter().skip(1);
     while let Some(flag) = it.next() {
@@ -55,6 +60,20 @@ fn run() -> Result<String, String> {
         "mlp" => mlp(seed, scale),
         other => Err(format!("unknown workload `{other}`")),
     }
+}
+
+/// The matrix-multiply kernels against the `gemm` crate, as a Markdown table.
+fn gemm_table(args: &[String]) -> Result<String, String> {
+    let rounds = match args {
+        [] => 5,
+        [flag, value] if flag == "--rounds" => value
+            .parse()
+            .ok()
+            .filter(|&r: &usize| r > 0)
+            .ok_or(format!("--rounds {value}: not a positive integer"))?,
+        _ => return Err(format!("unknown options {args:?}")),
+    };
+    Ok(genlab::perf::gemm_table(rounds))
 }
 
 /// W1: the VAE of WORKLOADS.md (H = 256, L = 8, Adam 1e-3, batch 100, 100 epochs).
@@ -96,7 +115,7 @@ fn mlp(seed: u64, scale: f64) -> Result<String, String> {
     use rand::{rngs::StdRng, SeedableRng};
     use rand_distr::{Distribution, StandardNormal};
     let widths = [128, 512, 512, 512, 64];
-    let adam = genlab::train::AdamSettings::default();
+    let adam = genlab::mlp::AdamSettings::default();
     let mut net = Mlp::new(&widths, Activation::Relu, adam, seed).map_err(|e| e.to_string())?;
     let team = Team::default_size();
     let _ftz = FlushDenormals::new();

@@ -89,8 +89,8 @@ pub(crate) fn per_layer_error(net: &Mlp, got: &[f32], want: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mlp::AdamSettings;
     use crate::mlp::{Team, Update};
-    use crate::train::AdamSettings;
     use rand::rngs::StdRng;
     use rand::SeedableRng;
     use rand_distr::{Distribution, StandardNormal};

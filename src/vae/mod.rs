@@ -22,8 +22,8 @@
 
 use crate::data::{load_digits, Batches, Digits, Images, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
+use crate::mlp::AdamSettings;
 use crate::mlp::{Activation, Mlp, MlpState, Team, Update};
-use crate::train::AdamSettings;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};

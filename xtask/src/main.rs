@@ -317,6 +317,26 @@ fn test(root: &Path) -> Result<()> {
             .current_dir(root),
     )?;
     println!("[test] cargo test: {:.1} s", start.elapsed().as_secs_f64());
+    // The build a learner on an ARM laptop gets: every x86-64 kernel compiled out.
+    let clock = Instant::now();
+    status(
+        Command::new("cargo")
+            .args([
+                "test",
+                "-p",
+                "genlab",
+                "--features",
+                "portable",
+                "--lib",
+                "--tests",
+            ])
+            .current_dir(root),
+    )?;
+    println!(
+        "[test] cargo test --features portable: {:.1} s",
+        clock.elapsed().as_secs_f64()
+    );
+    miri(root)?;
     status(
         Command::new(root.join(".venv/bin/python"))
             .args([
@@ -339,6 +359,89 @@ fn test(root: &Path) -> Result<()> {
     ];
     nbrun(root, &notebooks, &extra)?;
     println!("[test] all done in {:.1} s", start.elapsed().as_secs_f64());
+    Ok(())
+}
+
+/// The engine's unsafe code (`src/kernels.rs`, `src/mlp/`) and its tests under Miri, once per
+/// kernel: the portable one, AVX2 + FMA and AVX-512 (Miri takes the CPU features it may use
+/// from the target features of the build). They run in `miri/`, a crate that includes those
+/// files by path, because dfdx does not build on the nightly compiler Miri needs.
+fn miri(root: &Path) -> Result<()> {
+    let clock = Instant::now();
+    let has_miri = || {
+        output(Command::new("cargo").args(["+nightly", "miri", "--version"])).is_some()
+            && output(Command::new("rustup").args(["+nightly", "component", "list", "--installed"]))
+                .is_some_and(|l| l.contains("rust-src"))
+    };
+    if !has_miri() {
+        println!("[test] installing the nightly toolchain's miri and rust-src (rustup)");
+        let have_nightly = output(Command::new("rustup").args(["toolchain", "list"]))
+            .is_some_and(|l| l.lines().any(|t| t.starts_with("nightly")));
+        if have_nightly {
+            status(Command::new("rustup").args([
+                "component",
+                "add",
+                "--toolchain",
+                "nightly",
+                "miri",
+                "rust-src",
+            ]))?;
+        } else {
+            status(Command::new("rustup").args([
+                "toolchain",
+                "install",
+                "nightly",
+                "--profile",
+                "minimal",
+                "--component",
+                "miri",
+                "--component",
+                "rust-src",
+            ]))?;
+        }
+    }
+    let nextest = output(Command::new("cargo").args(["nextest", "--version"])).is_some();
+    let miri_dir = root.join("miri");
+    // Miri has no 512-bit max or compare, which the AVX-512 kernel's (leaky) ReLU epilogues
+    // use: on that kernel only the kernel tests run (they skip those epilogues under Miri);
+    // the engine's own tests, which train ReLU networks, run with the other two kernels.
+    for (name, rustflags, features, skip) in [
+        ("portable", "", Some("portable"), None),
+        ("avx2", "-C target-feature=+avx2,+fma", None, None),
+        (
+            "avx512",
+            "-C target-feature=+avx512f,+avx2,+fma",
+            None,
+            Some("mlp::tests::"),
+        ),
+    ] {
+        let mut cmd = Command::new("cargo");
+        cmd.args(["+nightly", "miri"]);
+        if nextest {
+            // One process per test, two at a time: Miri is single-threaded.
+            cmd.args(["nextest", "run", "--no-fail-fast"]);
+        } else {
+            cmd.arg("test");
+        }
+        if let Some(f) = features {
+            cmd.args(["--features", f]);
+        }
+        if let Some(prefix) = skip {
+            if nextest {
+                cmd.args(["-E", &format!("not test(/^{prefix}/)")]);
+            } else {
+                cmd.args(["--", "--skip", prefix]);
+            }
+        }
+        cmd.current_dir(&miri_dir)
+            .env("CARGO_TARGET_DIR", root.join(format!("target/miri-{name}")))
+            .env("RUSTFLAGS", rustflags);
+        status(&mut cmd)?;
+        println!(
+            "[test] miri ({name} kernel): done at {:.1} s",
+            clock.elapsed().as_secs_f64()
+        );
+    }
     Ok(())
 }
 
