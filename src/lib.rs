@@ -20,6 +20,7 @@
 //! state.
 
 #![warn(missing_docs)]
+#![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod bayes;
 pub mod data;

@@ -165,13 +165,17 @@ fn mlp(seed: u64, scale: f64) -> Result<String, String> {
         v[v.len() / 2]
     };
     let (t, i) = (median(&mut train), median(&mut infer));
+    let peak = genlab::perf::sgemm_peak_gflops(team.threads());
     Ok(format!(
         "{{\"workload\": \"mlp\", \"framework\": \"genlab {}\", \"threads\": {}, \"widths\": {widths:?}, \
          \"train_batch\": {train_rows}, \"train_step_ms\": {:.3}, \"train_gflops\": {t:.1}, \
-         \"infer_batch\": {infer_rows}, \"infer_ms\": {:.3}, \"infer_gflops\": {i:.1}}}",
+         \"infer_batch\": {infer_rows}, \"infer_ms\": {:.3}, \"infer_gflops\": {i:.1}, \
+         \"sgemm_peak_gflops\": {peak:.1}, \"train_share_of_peak\": {:.3}, \"infer_share_of_peak\": {:.3}}}",
         genlab::VERSION,
         team.threads(),
         train_flops / t / 1e6,
         infer_flops / i / 1e6,
+        t / peak,
+        i / peak,
     ))
 }

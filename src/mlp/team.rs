@@ -194,6 +194,12 @@ impl FlushDenormals {
     }
 }
 
+impl Default for FlushDenormals {
+    fn default() -> Self {
+        FlushDenormals::new()
+    }
+}
+
 impl Drop for FlushDenormals {
     fn drop(&mut self) {
         #[cfg(all(target_arch = "x86_64", not(miri)))]
@@ -279,7 +285,7 @@ fn helper_loop(sh: &Shared) {
                 break g;
             }
             spins += 1;
-            if spins % 256 != 0 {
+            if !spins.is_multiple_of(256) {
                 std::hint::spin_loop();
                 continue;
             }
