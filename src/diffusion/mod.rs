@@ -327,6 +327,12 @@ pub fn naive_reverse_1d(schedule: &NoiseSchedule, n: usize, seed: u64) -> Vec<f6
         .collect()
 }
 
+/// `n` independent draws of N(0, 1) from `seed` (the notebook's Monte Carlo checks).
+pub fn standard_normal(n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}
+
 /// The sinusoidal embedding of step t (`dim` values, `dim` even): with h = dim/2 and
 /// f_i = exp(−ln(10000) · i/h), emb = [sin(t f_0) … sin(t f_{h−1}), cos(t f_0) … cos(t f_{h−1})]
 /// (W3's, with dim = 64).
