@@ -12,6 +12,7 @@
 //! | [`train`] | model chapters | a model + Adam + history that trains correctly across cells |
 //! | [`elbo`] | 2, `02_elbo` | variational inference, the ELBO identity, IWAE, gradient estimators |
 //! | [`vae`] | 3, `03_vae` | the VAE on the digits: training, samples, latents, checkpoints |
+//! | [`diffusion`] | 5, `05_diffusion` | noise schedules, q(x_t \| x_0), the posterior, DDPM and DDIM |
 //! | `kernels` (private) | 3 | fused CPU kernels: packed matrix multiply with bias/ReLU/Adam folded in |
 //! | [`math`] | all | log-gamma, densities, quadrature |
 //!
@@ -24,6 +25,7 @@
 
 pub mod bayes;
 pub mod data;
+pub mod diffusion;
 pub mod elbo;
 pub mod error;
 mod kernels;
@@ -54,6 +56,7 @@ pub use error::{Error, Result};
 pub mod prelude {
     pub use crate::bayes::{self, Beta, NormalNormal};
     pub use crate::data::{self, Batches, Digits, Images, Points, Scale};
+    pub use crate::diffusion::{Ddpm, DdpmConfig, Mixture1d, NoiseSchedule, Schedule};
     pub use crate::error::{Error, Result};
     pub use crate::math::{linspace, ln_beta, ln_gamma, logsumexp, normal_pdf, simpson, trapezoid};
     pub use crate::plot::{Corner, Figure, Png};

@@ -2,6 +2,7 @@
 //! line with the same keys as the PyTorch reference script.
 //!
 //!     cargo run --release --bin genlab-bench -- vae-digits [--seed N] [--steps-scale X]
+//!     cargo run --release --bin genlab-bench -- ddpm-digits [--seed N] [--steps-scale X]
 //!     cargo run --release --bin genlab-bench -- mlp [--steps-scale X]
 //!     cargo run --release --features bench-gemm --bin genlab-bench -- gemm [--rounds N]
 //!
@@ -14,7 +15,7 @@ use genlab::vae::{Vae, VaeConfig};
 use std::process::ExitCode;
 use std::time::Instant;
 
-const USAGE: &str = "usage: genlab-bench vae-digits|mlp [--seed N] [--steps-scale X] | genlab-bench gemm [--rounds N]";
+const USAGE: &str = "usage: genlab-bench vae-digits|ddpm-digits|mlp [--seed N] [--steps-scale X] | genlab-bench gemm [--rounds N]";
 
 fn main() -> ExitCode {
     match run() {
@@ -57,6 +58,7 @@ fn run() -> Result<String, String> {
     }
     match workload.as_str() {
         "vae-digits" => vae_digits(seed, scale),
+        "ddpm-digits" => ddpm_digits(seed, scale),
         "mlp" => mlp(seed, scale),
         other => Err(format!("unknown workload `{other}`")),
     }
@@ -104,6 +106,43 @@ fn vae_digits(seed: u64, scale: f64) -> Result<String, String> {
         losses.len(),
         losses.len() as f64 / train_seconds,
         losses[losses.len() - 1],
+    ))
+}
+
+/// W3: the DDPM of WORKLOADS.md (T = 200, linear β, denoiser 128 → 512 → 512 → 512 → 64,
+/// batch 128, Adam 1e-3, 4,000 steps; 1,000 samples by ancestral sampling, clipped to [−1, 1]).
+/// Training and sampling are timed apart.
+fn ddpm_digits(seed: u64, scale: f64) -> Result<String, String> {
+    use genlab::diffusion::{nn_ratio, Ddpm, DdpmConfig};
+    let steps = ((4000.0 * scale).round() as usize).max(1);
+    let config = DdpmConfig {
+        seed,
+        iters: steps,
+        ..DdpmConfig::default()
+    };
+    let digits =
+        genlab::data::load_digits(genlab::data::Scale::Symmetric).map_err(|e| e.to_string())?;
+    let mut ddpm = Ddpm::new(config, &digits.train.x, 64).map_err(|e| e.to_string())?;
+    ddpm.verbose = false;
+    let start = Instant::now();
+    ddpm.train_steps_only(steps).map_err(|e| e.to_string())?;
+    let train_seconds = start.elapsed().as_secs_f64();
+    let start = Instant::now();
+    let samples = ddpm
+        .sample(1000, seed ^ 0x5a_3d1e)
+        .map_err(|e| e.to_string())?;
+    let sample_seconds = start.elapsed().as_secs_f64();
+    let ratio = nn_ratio(&samples, &digits).map_err(|e| e.to_string())?;
+    let losses = &ddpm.step_losses;
+    let last = &losses[losses.len().saturating_sub(100)..];
+    let final_loss = last.iter().sum::<f64>() / last.len() as f64;
+    Ok(format!(
+        "{{\"workload\": \"ddpm-digits\", \"framework\": \"genlab {}\", \"threads\": {}, \"seed\": {seed}, \
+         \"steps\": {steps}, \"train_seconds\": {train_seconds}, \"steps_per_second\": {}, \
+         \"sample_seconds\": {sample_seconds}, \"final_train_loss\": {final_loss}, \"nn_ratio\": {ratio}}}",
+        genlab::VERSION,
+        genlab::mlp::threads_wanted(),
+        steps as f64 / train_seconds,
     ))
 }
 

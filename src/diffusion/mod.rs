@@ -1,0 +1,1079 @@
+//! Chapter 5, diffusion (DDPM, Denoising Diffusion Probabilistic Models): destroy the data
+//! with Gaussian noise in T small steps, and learn to undo one step at a time.
+//!
+//! - Forward process, one step: q(x_t | x_{t−1}) = N(√α_t x_{t−1}, β_t I), α_t = 1 − β_t, i.e.
+//!   x_t = √α_t x_{t−1} + √β_t ε with ε ~ N(0, I) independent of x_{t−1}.
+//! - Its marginal in closed form: q(x_t | x_0) = N(√ᾱ_t x_0, (1 − ᾱ_t) I), ᾱ_t = Π_{s≤t} α_s,
+//!   so x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε in one draw ([`NoiseSchedule::q_sample`]). The
+//!   signal-to-noise ratio is SNR(t) = ᾱ_t / (1 − ᾱ_t).
+//! - The reverse step q(x_{t−1} | x_t) depends on the whole data distribution (Bayes:
+//!   q(x_{t−1} | x_t) = q(x_t | x_{t−1}) q(x_{t−1}) / q(x_t)); for a 1-D mixture it is computed
+//!   by quadrature in [`reverse_conditional_1d`]. Given x_0 it is Gaussian
+//!   ([`NoiseSchedule::posterior`]):
+//!   q(x_{t−1} | x_t, x_0) = N(μ̃, β̃_t), μ̃ = √ᾱ_{t−1} β_t/(1 − ᾱ_t) x_0
+//!   + √α_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) x_t, β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) β_t.
+//! - Training ([`Ddpm::step`]): a denoiser ε_θ(x_t, t) predicts the noise; the loss is
+//!   ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², averaged over every element.
+//! - Sampling, DDPM ([`Ddpm::sample`]): x_T ~ N(0, I), then for t = T … 1
+//!   x_{t−1} = (x_t − β_t/√(1 − ᾱ_t) ε_θ(x_t, t)) / √α_t + σ_t z, σ_t² = β_t, z = 0 at t = 1.
+//! - Sampling, DDIM with η = 0 ([`Ddpm::sample_ddim`]): deterministic, on a subsequence
+//!   τ_S > … > τ_1 of the steps: x̂_0 = (x_τ − √(1 − ᾱ_τ) ε_θ)/√ᾱ_τ, then
+//!   x_{τ'} = √ᾱ_{τ'} x̂_0 + √(1 − ᾱ_{τ'}) ε_θ.
+//!
+//! The denoiser is one network of the engine ([`crate::mlp`]) on concat(x_t, emb(t)), with the
+//! sinusoidal time embedding of [`time_embedding`]. [`DdpmConfig::default`] is workload W3 of
+//! the benchmark spec (the 8×8 digits, T = 200, widths 128 → 512 → 512 → 512 → 64, 4,000 steps).
+
+use crate::data::{load_digits, Digits, Scale, PIXELS};
+use crate::error::{ensure, Error, Result};
+use crate::mlp::{Activation, Mlp, MlpState, Team, Update};
+use crate::train::AdamSettings;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use std::path::Path;
+
+/// Longest chain T a schedule may have (a guard against typos).
+pub const MAX_STEPS: usize = 100_000;
+
+/// How β_t grows with t.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub enum Schedule {
+    /// β_t linear from `beta_start` (t = 1) to `beta_end` (t = T) (Ho et al.; W3 uses 1e-4 to
+    /// 0.02).
+    Linear {
+        /// β_1.
+        beta_start: f64,
+        /// β_T.
+        beta_end: f64,
+    },
+    /// ᾱ_t = f(t)/f(0), f(t) = cos²(π/2 · (t/T + s)/(1 + s)) (Nichol & Dhariwal), β_t =
+    /// 1 − ᾱ_t/ᾱ_{t−1} clipped to at most 0.999; `s` = 0.008 keeps β_1 from being tiny.
+    Cosine {
+        /// The offset s.
+        s: f64,
+    },
+}
+
+impl Schedule {
+    /// W3's schedule: linear from 1e-4 to 0.02.
+    pub fn w3() -> Schedule {
+        Schedule::Linear {
+            beta_start: 1e-4,
+            beta_end: 0.02,
+        }
+    }
+
+    /// The cosine schedule with s = 0.008.
+    pub fn cosine() -> Schedule {
+        Schedule::Cosine { s: 0.008 }
+    }
+}
+
+/// β_t, α_t and ᾱ_t for t = 1..=T (index t − 1), in f64. Introduced in chapter 5.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NoiseSchedule {
+    /// β_t, the variance each step adds.
+    pub betas: Vec<f64>,
+    /// α_t = 1 − β_t.
+    pub alphas: Vec<f64>,
+    /// ᾱ_t = Π_{s≤t} α_s, how much of x_0 survives to step t.
+    pub alpha_bars: Vec<f64>,
+}
+
+impl NoiseSchedule {
+    /// The schedule `kind` over `steps` = T steps.
+    pub fn new(kind: Schedule, steps: usize) -> Result<NoiseSchedule> {
+        ensure(
+            (1..=MAX_STEPS).contains(&steps),
+            "steps",
+            steps,
+            &format!("use a number of diffusion steps T between 1 and {MAX_STEPS}, e.g. 200"),
+        )?;
+        let betas: Vec<f64> = match kind {
+            Schedule::Linear {
+                beta_start,
+                beta_end,
+            } => {
+                for (name, b) in [("beta_start", beta_start), ("beta_end", beta_end)] {
+                    ensure(
+                        b > 0.0 && b < 1.0,
+                        name,
+                        b,
+                        "a step's variance β must be in (0, 1), e.g. 1e-4 to 0.02",
+                    )?;
+                }
+                (0..steps)
+                    .map(|i| {
+                        let f = if steps == 1 {
+                            0.0
+                        } else {
+                            i as f64 / (steps - 1) as f64
+                        };
+                        beta_start + f * (beta_end - beta_start)
+                    })
+                    .collect()
+            }
+            Schedule::Cosine { s } => {
+                ensure(
+                    s > 0.0 && s < 1.0,
+                    "s",
+                    s,
+                    "the cosine schedule's offset s must be in (0, 1), e.g. 0.008",
+                )?;
+                let f = |t: f64| {
+                    let c =
+                        (std::f64::consts::FRAC_PI_2 * (t / steps as f64 + s) / (1.0 + s)).cos();
+                    c * c
+                };
+                (1..=steps)
+                    .map(|t| (1.0 - f(t as f64) / f(t as f64 - 1.0)).clamp(1e-8, 0.999))
+                    .collect()
+            }
+        };
+        let alphas: Vec<f64> = betas.iter().map(|b| 1.0 - b).collect();
+        let alpha_bars = alphas
+            .iter()
+            .scan(1.0, |prod, a| {
+                *prod *= a;
+                Some(*prod)
+            })
+            .collect();
+        Ok(NoiseSchedule {
+            betas,
+            alphas,
+            alpha_bars,
+        })
+    }
+
+    /// T, the number of steps.
+    pub fn steps(&self) -> usize {
+        self.betas.len()
+    }
+
+    fn index(&self, t: usize) -> Result<usize> {
+        ensure(
+            (1..=self.steps()).contains(&t),
+            "t",
+            t,
+            &format!("t counts steps from 1 to T = {}", self.steps()),
+        )?;
+        Ok(t - 1)
+    }
+
+    /// β_t for t in 1..=T.
+    pub fn beta(&self, t: usize) -> Result<f64> {
+        Ok(self.betas[self.index(t)?])
+    }
+
+    /// α_t = 1 − β_t for t in 1..=T.
+    pub fn alpha(&self, t: usize) -> Result<f64> {
+        Ok(self.alphas[self.index(t)?])
+    }
+
+    /// ᾱ_t = Π_{s≤t} α_s for t in 0..=T (ᾱ_0 = 1: nothing added yet).
+    pub fn alpha_bar(&self, t: usize) -> Result<f64> {
+        if t == 0 {
+            return Ok(1.0);
+        }
+        Ok(self.alpha_bars[self.index(t)?])
+    }
+
+    /// The signal-to-noise ratio of q(x_t | x_0): SNR(t) = ᾱ_t / (1 − ᾱ_t).
+    pub fn snr(&self, t: usize) -> Result<f64> {
+        let ab = self.alpha_bar(t)?;
+        Ok(ab / (1.0 - ab))
+    }
+
+    /// One draw of q(x_t | x_0) in closed form: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, elementwise
+    /// (`eps` as long as `x0`).
+    pub fn q_sample(&self, x0: &[f32], t: usize, eps: &[f32]) -> Result<Vec<f32>> {
+        check_len("q_sample (eps)", x0.len(), eps.len())?;
+        let ab = self.alpha_bar(t)?;
+        let (a, b) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
+        Ok(x0.iter().zip(eps).map(|(&x, &e)| a * x + b * e).collect())
+    }
+
+    /// The mean and variance of q(x_{t−1} | x_t, x_0) for one coordinate, t in 1..=T:
+    /// μ̃ = √ᾱ_{t−1} β_t/(1 − ᾱ_t) x_0 + √α_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) x_t,
+    /// β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) β_t.
+    pub fn posterior(&self, t: usize, x_t: f64, x0: f64) -> Result<(f64, f64)> {
+        let (beta, alpha) = (self.beta(t)?, self.alpha(t)?);
+        let (ab, ab_prev) = (self.alpha_bar(t)?, self.alpha_bar(t - 1)?);
+        let mean = ab_prev.sqrt() * beta / (1.0 - ab) * x0
+            + alpha.sqrt() * (1.0 - ab_prev) / (1.0 - ab) * x_t;
+        Ok((mean, (1.0 - ab_prev) / (1.0 - ab) * beta))
+    }
+}
+
+/// A 1-D Gaussian mixture p(x) = Σₖ πₖ N(x | μₖ, σₖ²): the data distribution of the chapter's
+/// question, for which every q(x_t) is again a mixture (in closed form).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Mixture1d {
+    /// πₖ (summing to 1).
+    pub weights: Vec<f64>,
+    /// μₖ.
+    pub means: Vec<f64>,
+    /// σₖ.
+    pub stds: Vec<f64>,
+}
+
+impl Mixture1d {
+    /// A mixture, checked (weights are normalised to sum to 1).
+    pub fn new(weights: &[f64], means: &[f64], stds: &[f64]) -> Result<Mixture1d> {
+        // The sampler's checks name the bad slice.
+        crate::data::gaussian_mixture_1d(0, weights, means, stds, 0)?;
+        let total: f64 = weights.iter().sum();
+        Ok(Mixture1d {
+            weights: weights.iter().map(|w| w / total).collect(),
+            means: means.to_vec(),
+            stds: stds.to_vec(),
+        })
+    }
+
+    /// Two equal modes at ±`at`, each with standard deviation `std`.
+    pub fn bimodal(at: f64, std: f64) -> Result<Mixture1d> {
+        Mixture1d::new(&[0.5, 0.5], &[-at, at], &[std, std])
+    }
+
+    /// p(x).
+    pub fn pdf(&self, x: f64) -> f64 {
+        self.weights
+            .iter()
+            .zip(&self.means)
+            .zip(&self.stds)
+            .map(|((w, m), s)| w * crate::math::normal_pdf(x, *m, *s))
+            .sum()
+    }
+
+    /// n draws with the given seed.
+    pub fn sample(&self, n: usize, seed: u64) -> Result<Vec<f64>> {
+        Ok(crate::data::gaussian_mixture_1d(n, &self.weights, &self.means, &self.stds, seed)?.0)
+    }
+
+    /// The distribution of √ᾱ x_0 + √(1 − ᾱ) ε when x_0 follows this mixture: the mixture of
+    /// N(√ᾱ μₖ, ᾱ σₖ² + 1 − ᾱ), i.e. q(x_t) for ᾱ = ᾱ_t.
+    pub fn noised(&self, alpha_bar: f64) -> Result<Mixture1d> {
+        ensure(
+            (0.0..=1.0).contains(&alpha_bar),
+            "alpha_bar",
+            alpha_bar,
+            "ᾱ is a product of α's in (0, 1]: use a value in [0, 1]",
+        )?;
+        Ok(Mixture1d {
+            weights: self.weights.clone(),
+            means: self.means.iter().map(|m| alpha_bar.sqrt() * m).collect(),
+            stds: self
+                .stds
+                .iter()
+                .map(|s| (alpha_bar * s * s + 1.0 - alpha_bar).sqrt())
+                .collect(),
+        })
+    }
+}
+
+/// The true reverse conditional q(x_t | x_{t+1}) of one forward step
+/// x_{t+1} = √α x_t + √(1 − α) ε, by Bayes' rule on a grid:
+///
+/// q(x_t | x_{t+1}) = N(x_{t+1} | √α x_t, 1 − α) q(x_t) / q(x_{t+1}),
+///
+/// where q(x_t) = `data` noised to ᾱ = `alpha_bar_t` and the evidence q(x_{t+1}) = `data` noised
+/// to ᾱ_t α, both in closed form (so the density's integral over the grid is a check, not a
+/// normalisation). Returns the density at each grid point.
+pub fn reverse_conditional_1d(
+    data: &Mixture1d,
+    alpha_bar_t: f64,
+    alpha: f64,
+    x_next: f64,
+    grid: &[f64],
+) -> Result<Vec<f64>> {
+    ensure(
+        alpha > 0.0 && alpha < 1.0,
+        "alpha",
+        alpha,
+        "one step keeps √α of the signal: use α in (0, 1), e.g. 0.99",
+    )?;
+    let q_t = data.noised(alpha_bar_t)?;
+    let evidence = data.noised(alpha_bar_t * alpha)?.pdf(x_next);
+    ensure(
+        evidence > 0.0,
+        "x_next",
+        x_next,
+        "q(x_{t+1}) underflows there: pick x_{t+1} nearer the data",
+    )?;
+    let step_std = (1.0 - alpha).sqrt();
+    Ok(grid
+        .iter()
+        .map(|&x| {
+            crate::math::normal_pdf(x_next, alpha.sqrt() * x, step_std) * q_t.pdf(x) / evidence
+        })
+        .collect())
+}
+
+/// The naive reverse step, x_t = (x_{t+1} − √(1 − α_{t+1}) ε)/√α_{t+1} with a fresh
+/// ε ~ N(0, 1), run from x_T ~ N(0, 1) down to x_0 for `n` chains in 1-D: what the rearranged
+/// forward equation would sample if ε were independent of x_{t+1} (it is not).
+pub fn naive_reverse_1d(schedule: &NoiseSchedule, n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|_| {
+            let mut x: f64 = StandardNormal.sample(&mut rng);
+            for t in (0..schedule.steps()).rev() {
+                let e: f64 = StandardNormal.sample(&mut rng);
+                x = (x - schedule.betas[t].sqrt() * e) / schedule.alphas[t].sqrt();
+            }
+            x
+        })
+        .collect()
+}
+
+/// `n` independent draws of N(0, 1) from `seed` (the notebook's Monte Carlo checks).
+pub fn standard_normal(n: usize, seed: u64) -> Vec<f64> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n).map(|_| StandardNormal.sample(&mut rng)).collect()
+}
+
+/// The sinusoidal embedding of step t (`dim` values, `dim` even): with h = dim/2 and
+/// f_i = exp(−ln(10000) · i/h), emb = [sin(t f_0) … sin(t f_{h−1}), cos(t f_0) … cos(t f_{h−1})]
+/// (W3's, with dim = 64).
+pub fn time_embedding(t: usize, dim: usize) -> Vec<f32> {
+    let h = dim / 2;
+    let freq = |i: usize| (-(10000f32).ln() * i as f32 / h as f32).exp();
+    let a: Vec<f32> = (0..h).map(|i| t as f32 * freq(i)).collect();
+    a.iter()
+        .map(|a| a.sin())
+        .chain(a.iter().map(|a| a.cos()))
+        .collect()
+}
+
+/// Widest hidden layer the denoiser may have.
+pub const MAX_HIDDEN: usize = 4096;
+
+/// The DDPM's hyperparameters. `Default` is workload W3 (the digits);
+/// [`DdpmConfig::toy_2d`] is the chapter's small 2-D model.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DdpmConfig {
+    /// The number of diffusion steps T.
+    pub steps: usize,
+    /// How β_t grows.
+    pub schedule: Schedule,
+    /// The denoiser's hidden widths (ReLU after each), between the input
+    /// (data dim + `embedding`) and the output (data dim).
+    pub hidden: Vec<usize>,
+    /// Size of the time embedding (even).
+    pub embedding: usize,
+    /// Adam's learning rate.
+    pub lr: f64,
+    /// Examples per training step (drawn uniformly with replacement).
+    pub batch_size: usize,
+    /// Training steps (what [`Ddpm::train`] runs when asked for `config.iters`).
+    pub iters: usize,
+    /// Final samples (and DDIM's x̂_0) are clipped to [−clip, clip]; `None` leaves them.
+    pub clip: Option<f32>,
+    /// Seed of the initial weights, the batches, t and ε.
+    pub seed: u64,
+}
+
+impl Default for DdpmConfig {
+    fn default() -> Self {
+        DdpmConfig {
+            steps: 200,
+            schedule: Schedule::w3(),
+            hidden: vec![512, 512, 512],
+            embedding: 64,
+            lr: 1e-3,
+            batch_size: 128,
+            iters: 4000,
+            clip: Some(1.0),
+            seed: 0,
+        }
+    }
+}
+
+impl DdpmConfig {
+    /// A small model for 2-D toy data: T = 100 on the cosine schedule (ᾱ_T ≈ 0, so x_T is
+    /// pure noise), widths (2 + 32) → 128 → 128 → 128 → 2, batch 256, 3,000 steps, no clipping.
+    pub fn toy_2d() -> DdpmConfig {
+        DdpmConfig {
+            steps: 100,
+            schedule: Schedule::cosine(),
+            hidden: vec![128, 128, 128],
+            embedding: 32,
+            lr: 1e-3,
+            batch_size: 256,
+            iters: 3000,
+            clip: None,
+            seed: 0,
+        }
+    }
+
+    /// The config, or an error naming the first field outside its range and what to use.
+    pub fn validate(&self) -> Result<()> {
+        ensure(
+            (2..=MAX_STEPS).contains(&self.steps),
+            "steps",
+            self.steps,
+            &format!("use between 2 and {MAX_STEPS} diffusion steps T, e.g. 200"),
+        )?;
+        NoiseSchedule::new(self.schedule, self.steps)?;
+        ensure(
+            !self.hidden.is_empty() && self.hidden.iter().all(|h| (1..=MAX_HIDDEN).contains(h)),
+            "hidden",
+            format!("{:?}", self.hidden),
+            &format!(
+                "give one or more hidden widths between 1 and {MAX_HIDDEN}, e.g. [512, 512, 512]"
+            ),
+        )?;
+        ensure(
+            self.embedding >= 2 && self.embedding.is_multiple_of(2) && self.embedding <= 1024,
+            "embedding",
+            self.embedding,
+            "the time embedding has a sine and a cosine half: use an even size from 2 to 1024, e.g. 64",
+        )?;
+        ensure(
+            (1..=65_536).contains(&self.batch_size),
+            "batch_size",
+            self.batch_size,
+            "use a batch size between 1 and 65536, e.g. 128",
+        )?;
+        if let Some(c) = self.clip {
+            ensure(
+                c > 0.0 && c.is_finite(),
+                "clip",
+                c,
+                "clip samples to [−c, c] with c > 0 (1.0 for the digits), or use None",
+            )?;
+        }
+        self.adam().validate()
+    }
+
+    fn adam(&self) -> AdamSettings {
+        AdamSettings {
+            lr: self.lr,
+            ..Default::default()
+        }
+    }
+
+    fn widths(&self, dim: usize) -> Vec<usize> {
+        std::iter::once(dim + self.embedding)
+            .chain(self.hidden.iter().copied())
+            .chain(std::iter::once(dim))
+            .collect()
+    }
+}
+
+/// The training record every `record_every` steps.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StepRecord {
+    /// Steps completed.
+    pub step: usize,
+    /// Mean loss of the steps since the previous record.
+    pub loss: f64,
+}
+
+/// Steps per history record.
+pub const RECORD_EVERY: usize = 100;
+
+/// A DDPM with its data, denoiser, optimiser and history: train it in one cell, train more in
+/// the next, sample in any. Introduced in chapter 5 (`05_diffusion`).
+pub struct Ddpm {
+    config: DdpmConfig,
+    schedule: NoiseSchedule,
+    denoiser: Mlp,
+    /// Training rows, `dim` values each.
+    data: Vec<f32>,
+    dim: usize,
+    /// emb(t) for t = 1..=T, `embedding` values each (row t − 1).
+    embeddings: Vec<f32>,
+    /// Draws the batches, t and ε.
+    rng: StdRng,
+    /// One record per [`RECORD_EVERY`] steps.
+    pub history: Vec<StepRecord>,
+    /// The loss of every step.
+    pub step_losses: Vec<f64>,
+    /// Print progress while training (on by default): the first and last record of each
+    /// `train` call, and a record whenever 2 seconds have passed since the last line.
+    pub verbose: bool,
+    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output.
+    input: Vec<f32>,
+    eps: Vec<f32>,
+    dout: Vec<f32>,
+}
+
+impl Ddpm {
+    /// A fresh DDPM for `config` on the training rows `data` (`dim` values each).
+    pub fn new(config: DdpmConfig, data: &[f32], dim: usize) -> Result<Ddpm> {
+        config.validate()?;
+        ensure(
+            dim >= 1,
+            "dim",
+            dim,
+            "each example needs at least one value",
+        )?;
+        if data.is_empty() || !data.len().is_multiple_of(dim) {
+            return Err(Error::shape(
+                "Ddpm::new (data)",
+                format!("a whole number of rows of {dim} values"),
+                format!("{} values", data.len()),
+            ));
+        }
+        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
+            return Err(Error::param(
+                "data",
+                format!("{} at index {i}", data[i]),
+                "every value must be finite",
+            ));
+        }
+        let schedule = NoiseSchedule::new(config.schedule, config.steps)?;
+        let denoiser = Mlp::new(
+            &config.widths(dim),
+            Activation::Relu,
+            config.adam(),
+            config.seed,
+        )?;
+        let embeddings = (1..=config.steps)
+            .flat_map(|t| time_embedding(t, config.embedding))
+            .collect();
+        Ok(Ddpm {
+            rng: StdRng::seed_from_u64(config.seed ^ 0x9e37_79b9_7f4a_7c15),
+            config,
+            schedule,
+            denoiser,
+            data: data.to_vec(),
+            dim,
+            embeddings,
+            history: vec![],
+            step_losses: vec![],
+            verbose: true,
+            input: vec![],
+            eps: vec![],
+            dout: vec![],
+        })
+    }
+
+    /// A DDPM on the 1,497 training digits in [−1, 1] (W3 with the default config).
+    pub fn digits(config: DdpmConfig) -> Result<Ddpm> {
+        let d = load_digits(Scale::Symmetric)?;
+        Ddpm::new(config, &d.train.x, PIXELS)
+    }
+
+    /// A DDPM on 2-D points.
+    pub fn points(config: DdpmConfig, points: &[[f32; 2]]) -> Result<Ddpm> {
+        let flat: Vec<f32> = points.iter().flatten().copied().collect();
+        Ddpm::new(config, &flat, 2)
+    }
+
+    /// The config it was built with.
+    pub fn config(&self) -> &DdpmConfig {
+        &self.config
+    }
+
+    /// Its noise schedule.
+    pub fn schedule(&self) -> &NoiseSchedule {
+        &self.schedule
+    }
+
+    /// The denoiser network ε_θ.
+    pub fn denoiser(&self) -> &Mlp {
+        &self.denoiser
+    }
+
+    /// Values per example.
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// The training rows.
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Adam steps taken so far.
+    pub fn steps_done(&self) -> usize {
+        self.denoiser.steps()
+    }
+
+    /// Draws a batch: x_0 uniformly with replacement, t uniform in 1..=T, ε ~ N(0, I), and
+    /// writes the denoiser's input [x_t, emb(t)] with x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε.
+    fn load_batch(&mut self) {
+        let (d, e, b) = (self.dim, self.config.embedding, self.config.batch_size);
+        let n = self.data.len() / d;
+        self.input.resize(b * (d + e), 0.0);
+        self.eps.resize(b * d, 0.0);
+        self.dout.resize(b * d, 0.0);
+        for (row, eps) in self
+            .input
+            .chunks_exact_mut(d + e)
+            .zip(self.eps.chunks_exact_mut(d))
+        {
+            let i = self.rng.gen_range(0..n);
+            let t = self.rng.gen_range(1..=self.config.steps);
+            let ab = self.schedule.alpha_bars[t - 1];
+            let (a, s) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
+            let x0 = &self.data[i * d..(i + 1) * d];
+            for j in 0..d {
+                eps[j] = StandardNormal.sample(&mut self.rng);
+                row[j] = a * x0[j] + s * eps[j];
+            }
+            row[d..].copy_from_slice(&self.embeddings[(t - 1) * e..t * e]);
+        }
+    }
+
+    /// One training step on the batch in the buffers: the whole of DDPM training.
+    fn step(&mut self, team: &Team, update: Update<'_>) -> Result<f64> {
+        // ε̂ = ε_θ(x_t, t)
+        let eps_hat = self.denoiser.forward(team, &self.input)?;
+        // L = mean over all elements of (ε̂ − ε)², ∂ε̂ = 2(ε̂ − ε)/(B·d)
+        let scale = 2.0 / self.eps.len() as f32;
+        let mut sum = 0.0f64;
+        for ((&y, &e), g) in eps_hat.iter().zip(&self.eps).zip(self.dout.iter_mut()) {
+            let diff = y - e;
+            sum += (diff * diff) as f64;
+            *g = scale * diff;
+        }
+        let loss = sum / self.eps.len() as f64;
+        if !loss.is_finite() {
+            // Stop before any update: the denoiser keeps its last finite parameters.
+            return Err(Error::Diverged {
+                step: self.denoiser.steps(),
+                loss: loss as f32,
+                fix: format!("Lower the learning rate (now {}).", self.config.lr),
+            });
+        }
+        // Backward through the denoiser, Adam fused in
+        self.denoiser.backward(team, &self.dout, update)?;
+        Ok(loss)
+    }
+
+    /// Trains `iters` more steps, recording the mean loss every [`RECORD_EVERY`] steps and
+    /// printing progress.
+    pub fn train(&mut self, iters: usize) -> Result<&[StepRecord]> {
+        let start = self.history.len();
+        let team = Team::default_size();
+        let _ftz = crate::mlp::FlushDenormals::new();
+        let clock = std::time::Instant::now();
+        let mut last_print: Option<std::time::Instant> = None;
+        let mut sum = 0.0;
+        for i in 0..iters {
+            self.load_batch();
+            let loss = self.step(&team, Update::Adam)?;
+            self.step_losses.push(loss);
+            sum += loss;
+            let done = self.steps_done();
+            if done.is_multiple_of(RECORD_EVERY) || i + 1 == iters {
+                let since = self.history.last().map_or(0, |r| r.step);
+                let record = StepRecord {
+                    step: done,
+                    loss: sum / (done - since).max(1) as f64,
+                };
+                sum = 0.0;
+                let due = self.history.len() == start
+                    || i + 1 == iters
+                    || last_print.is_none_or(|t| t.elapsed().as_secs_f64() >= 2.0);
+                if self.verbose && due {
+                    last_print = Some(std::time::Instant::now());
+                    println!(
+                        "step {:>6}  loss {:.4}  ({:.1} s)",
+                        record.step,
+                        record.loss,
+                        clock.elapsed().as_secs_f64()
+                    );
+                }
+                self.history.push(record);
+            }
+        }
+        Ok(&self.history[start..])
+    }
+
+    /// Trains `iters` more steps without records or printing (the benchmark's timed loop);
+    /// each step's loss is in `step_losses`.
+    pub fn train_steps_only(&mut self, iters: usize) -> Result<()> {
+        let team = Team::default_size();
+        let _ftz = crate::mlp::FlushDenormals::new();
+        for _ in 0..iters {
+            self.load_batch();
+            let loss = self.step(&team, Update::Adam)?;
+            self.step_losses.push(loss);
+        }
+        Ok(())
+    }
+
+    /// The mean ε-prediction loss at one fixed t over `n` draws of (x_0, ε) from `x0s` (rows of
+    /// `dim`), without training: E‖ε − ε_θ(x_t, t)‖² per element.
+    pub fn loss_at(&mut self, x0s: &[f32], t: usize, n: usize, seed: u64) -> Result<f64> {
+        let (d, e) = (self.dim, self.config.embedding);
+        check_rows("loss_at (x0s)", x0s, d)?;
+        self.schedule.index(t)?;
+        ensure(n >= 1, "n", n, "use at least one draw, e.g. 1000")?;
+        let rows = x0s.len() / d;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let ab = self.schedule.alpha_bars[t - 1];
+        let (a, s) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
+        let mut input = vec![0.0f32; n * (d + e)];
+        let mut eps = vec![0.0f32; n * d];
+        for (k, (row, ep)) in input
+            .chunks_exact_mut(d + e)
+            .zip(eps.chunks_exact_mut(d))
+            .enumerate()
+        {
+            let x0 = &x0s[(k % rows) * d..(k % rows + 1) * d];
+            for j in 0..d {
+                ep[j] = StandardNormal.sample(&mut rng);
+                row[j] = a * x0[j] + s * ep[j];
+            }
+            row[d..].copy_from_slice(&self.embeddings[(t - 1) * e..t * e]);
+        }
+        let out = self.denoiser.infer(&team_for(n), &input)?;
+        let sum: f64 = out
+            .iter()
+            .zip(&eps)
+            .map(|(&y, &e)| ((y - e) * (y - e)) as f64)
+            .sum();
+        Ok(sum / eps.len() as f64)
+    }
+
+    /// `n` samples by DDPM's ancestral sampling from x_T ~ N(0, I):
+    /// x_{t−1} = (x_t − β_t/√(1 − ᾱ_t) ε_θ(x_t, t))/√α_t + √β_t z (z = 0 at t = 1), the final
+    /// x_0 clipped as the config says. Rows of `dim` values.
+    pub fn sample(&mut self, n: usize, seed: u64) -> Result<Vec<f32>> {
+        Ok(self.sample_trajectory(n, seed, &[])?.0)
+    }
+
+    /// [`Ddpm::sample`], also returning x_t (unclipped) at each t of `keep` (t = T is x_T,
+    /// t = 0 the final samples before clipping), in the order of `keep`.
+    pub fn sample_trajectory(
+        &mut self,
+        n: usize,
+        seed: u64,
+        keep: &[usize],
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        ensure(
+            (1..=crate::mlp::MAX_ROWS).contains(&n),
+            "n",
+            n,
+            "ask for at least one sample (and at most about a million)",
+        )?;
+        let big_t = self.config.steps;
+        if let Some(t) = keep.iter().find(|&&t| t > big_t) {
+            return Err(Error::param(
+                "keep",
+                t,
+                format!("keep steps between 0 and T = {big_t}"),
+            ));
+        }
+        let (d, e) = (self.dim, self.config.embedding);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let team = team_for(n);
+        let _ftz = crate::mlp::FlushDenormals::new();
+        // The denoiser's input rows [x_t, emb(t)]: x_t lives in the first d columns.
+        let mut input = vec![0.0f32; n * (d + e)];
+        for row in input.chunks_exact_mut(d + e) {
+            for v in &mut row[..d] {
+                *v = StandardNormal.sample(&mut rng);
+            }
+        }
+        let mut kept: Vec<Option<Vec<f32>>> = vec![None; keep.len()];
+        let snapshot = |input: &[f32], t: usize, kept: &mut Vec<Option<Vec<f32>>>| {
+            for (slot, _) in kept.iter_mut().zip(keep).filter(|(_, &k)| k == t) {
+                *slot = Some(
+                    input
+                        .chunks_exact(d + e)
+                        .flat_map(|r| &r[..d])
+                        .copied()
+                        .collect(),
+                );
+            }
+        };
+        snapshot(&input, big_t, &mut kept);
+        for t in (1..=big_t).rev() {
+            let emb = &self.embeddings[(t - 1) * e..t * e];
+            for row in input.chunks_exact_mut(d + e) {
+                row[d..].copy_from_slice(emb);
+            }
+            let (beta, alpha, ab) = (
+                self.schedule.betas[t - 1],
+                self.schedule.alphas[t - 1],
+                self.schedule.alpha_bars[t - 1],
+            );
+            let c_x = (1.0 / alpha.sqrt()) as f32;
+            let c_eps = (beta / (1.0 - ab).sqrt() / alpha.sqrt()) as f32;
+            let sigma = if t > 1 { beta.sqrt() as f32 } else { 0.0 };
+            let eps_hat = self.denoiser.infer(&team, &input)?;
+            for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
+                for j in 0..d {
+                    row[j] = c_x * row[j] - c_eps * eh[j];
+                }
+                if sigma > 0.0 {
+                    for v in &mut row[..d] {
+                        let z: f32 = StandardNormal.sample(&mut rng);
+                        *v += sigma * z;
+                    }
+                }
+            }
+            snapshot(&input, t - 1, &mut kept);
+        }
+        let mut x: Vec<f32> = input
+            .chunks_exact(d + e)
+            .flat_map(|r| &r[..d])
+            .copied()
+            .collect();
+        self.clip(&mut x);
+        Ok((x, kept.into_iter().map(Option::unwrap_or_default).collect()))
+    }
+
+    /// `n` samples by deterministic DDIM (η = 0) in `steps` steps τ_S > … > τ_1 evenly spread
+    /// over 1..=T, from x_T ~ N(0, I) drawn with `seed`: at each τ with next τ' (τ' = 0 last),
+    /// x̂_0 = (x_τ − √(1 − ᾱ_τ) ε̂)/√ᾱ_τ, then x_{τ'} = √ᾱ_{τ'} x̂_0 + √(1 − ᾱ_{τ'}) ε̂.
+    /// Where the config clips, x̂_0 is clipped and ε̂ replaced by the noise the clipped x̂_0
+    /// implies, (x_τ − √ᾱ_τ x̂_0)/√(1 − ᾱ_τ) (as the diffusers library does), so the two stay
+    /// consistent.
+    pub fn sample_ddim(&mut self, n: usize, steps: usize, seed: u64) -> Result<Vec<f32>> {
+        ensure(
+            (1..=crate::mlp::MAX_ROWS).contains(&n),
+            "n",
+            n,
+            "ask for at least one sample (and at most about a million)",
+        )?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let x_t: Vec<f32> = (0..n * self.dim)
+            .map(|_| StandardNormal.sample(&mut rng))
+            .collect();
+        self.sample_ddim_from(&x_t, steps)
+    }
+
+    /// `n` draws of x_T from the Gaussian that matches q(x_T) coordinate by coordinate:
+    /// N(√ᾱ_T m_j, ᾱ_T s_j² + 1 − ᾱ_T), with m_j and s_j² the training data's mean and variance
+    /// of coordinate j. When ᾱ_T is not near 0 (W3: ᾱ_T ≈ 0.13), N(0, I) is a poor stand-in for
+    /// q(x_T); DDPM's added noise forgives it, deterministic DDIM carries the mismatch to x_0.
+    pub fn matched_start(&self, n: usize, seed: u64) -> Result<Vec<f32>> {
+        ensure(
+            (1..=crate::mlp::MAX_ROWS).contains(&n),
+            "n",
+            n,
+            "ask for at least one sample (and at most about a million)",
+        )?;
+        let d = self.dim;
+        let rows = (self.data.len() / d) as f64;
+        let ab = self.schedule.alpha_bars[self.config.steps - 1];
+        let (mut mean, mut var) = (vec![0.0f64; d], vec![0.0f64; d]);
+        for x in self.data.chunks_exact(d) {
+            for j in 0..d {
+                mean[j] += x[j] as f64 / rows;
+            }
+        }
+        for x in self.data.chunks_exact(d) {
+            for j in 0..d {
+                var[j] += (x[j] as f64 - mean[j]).powi(2) / rows;
+            }
+        }
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut out = Vec::with_capacity(n * d);
+        for _ in 0..n {
+            for j in 0..d {
+                let z: f64 = StandardNormal.sample(&mut rng);
+                out.push((ab.sqrt() * mean[j] + (ab * var[j] + 1.0 - ab).sqrt() * z) as f32);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deterministic DDIM as in [`Ddpm::sample_ddim`], from the given x_T (rows of `dim`
+    /// values): the same x_T always gives the same samples.
+    pub fn sample_ddim_from(&mut self, x_t: &[f32], steps: usize) -> Result<Vec<f32>> {
+        let big_t = self.config.steps;
+        ensure(
+            (1..=big_t).contains(&steps),
+            "steps",
+            steps,
+            &format!("DDIM takes between 1 and T = {big_t} steps, e.g. 20"),
+        )?;
+        let (d, e) = (self.dim, self.config.embedding);
+        check_rows("sample_ddim_from (x_t)", x_t, d)?;
+        let n = x_t.len() / d;
+        // τ_i = round(i · T / S) for i = 1..=S: distinct, ending at T.
+        let taus: Vec<usize> = (1..=steps)
+            .map(|i| ((i * big_t) as f64 / steps as f64).round() as usize)
+            .collect();
+        let team = team_for(n);
+        let _ftz = crate::mlp::FlushDenormals::new();
+        let mut input = vec![0.0f32; n * (d + e)];
+        for (row, x) in input.chunks_exact_mut(d + e).zip(x_t.chunks_exact(d)) {
+            row[..d].copy_from_slice(x);
+        }
+        let clip = self.config.clip;
+        for i in (0..steps).rev() {
+            let t = taus[i];
+            let ab = self.schedule.alpha_bars[t - 1];
+            let ab_next = if i == 0 {
+                1.0
+            } else {
+                self.schedule.alpha_bars[taus[i - 1] - 1]
+            };
+            let emb = &self.embeddings[(t - 1) * e..t * e];
+            for row in input.chunks_exact_mut(d + e) {
+                row[d..].copy_from_slice(emb);
+            }
+            let (s, inv_a) = ((1.0 - ab).sqrt() as f32, (1.0 / ab.sqrt()) as f32);
+            let (a_next, s_next) = (ab_next.sqrt() as f32, (1.0 - ab_next).sqrt() as f32);
+            let eps_hat = self.denoiser.infer(&team, &input)?;
+            for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
+                for j in 0..d {
+                    let x0 = (row[j] - s * eh[j]) * inv_a;
+                    let (x0, eps) = match clip {
+                        // The clipped x̂_0 and the ε it implies, ε = (x_τ − √ᾱ_τ x̂_0)/√(1 − ᾱ_τ),
+                        // so that x_τ is still √ᾱ_τ x̂_0 + √(1 − ᾱ_τ) ε.
+                        Some(c) if x0.abs() > c => {
+                            let x0 = x0.clamp(-c, c);
+                            (x0, (row[j] - x0 / inv_a) / s)
+                        }
+                        _ => (x0, eh[j]),
+                    };
+                    row[j] = a_next * x0 + s_next * eps;
+                }
+            }
+        }
+        let mut x: Vec<f32> = input
+            .chunks_exact(d + e)
+            .flat_map(|r| &r[..d])
+            .copied()
+            .collect();
+        self.clip(&mut x);
+        Ok(x)
+    }
+
+    fn clip(&self, x: &mut [f32]) {
+        if let Some(c) = self.config.clip {
+            for v in x {
+                *v = v.clamp(-c, c);
+            }
+        }
+    }
+
+    /// Saves a checkpoint (config, data, the denoiser with Adam's state, history) as JSON:
+    /// training resumed from it with [`Ddpm::load`] continues exactly as if it had never
+    /// stopped. The file is written whole or not at all (a temporary file, then renamed).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let checkpoint = Checkpoint {
+            genlab: crate::VERSION.to_string(),
+            config: self.config.clone(),
+            dim: self.dim,
+            data: self.data.clone(),
+            denoiser: self.denoiser.state(),
+            history: self.history.clone(),
+            step_losses: self.step_losses.clone(),
+        };
+        let json = serde_json::to_string(&checkpoint).map_err(|e| Error::Dfdx(e.to_string()))?;
+        crate::train::write_atomically(path.as_ref(), json.as_bytes())
+    }
+
+    /// Loads a checkpoint written by [`Ddpm::save`] (checking its network against its config);
+    /// train it further with [`Ddpm::train`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Ddpm> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            Error::io(
+                path,
+                e,
+                "pass the path a checkpoint was saved to with Ddpm::save",
+            )
+        })?;
+        let bad = |message: String| Error::Data {
+            path: path.to_path_buf(),
+            message,
+        };
+        let c: Checkpoint = serde_json::from_str(&text).map_err(|e| {
+            bad(format!(
+                "not a genlab {} DDPM checkpoint ({e})",
+                crate::VERSION
+            ))
+        })?;
+        let mut ddpm = Ddpm::new(c.config, &c.data, c.dim)?;
+        let state = &c.denoiser;
+        let got: Vec<usize> = std::iter::once(state.layers.first().map_or(0, |l| l.inp))
+            .chain(state.layers.iter().map(|l| l.out))
+            .collect();
+        let want = ddpm.config.widths(ddpm.dim);
+        if got != want {
+            return Err(bad(format!(
+                "its denoiser has widths {got:?}, but its config says {want:?}"
+            )));
+        }
+        ddpm.denoiser = Mlp::from_state(c.denoiser).map_err(|e| bad(e.to_string()))?;
+        // Continue the random stream where it would be after as many steps.
+        for _ in 0..ddpm.denoiser.steps() {
+            ddpm.load_batch();
+        }
+        ddpm.history = c.history;
+        ddpm.step_losses = c.step_losses;
+        Ok(ddpm)
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    genlab: String,
+    config: DdpmConfig,
+    dim: usize,
+    data: Vec<f32>,
+    denoiser: MlpState,
+    history: Vec<StepRecord>,
+    step_losses: Vec<f64>,
+}
+
+/// The mean over the rows of `a` of the Euclidean distance to the nearest row of `b` (both
+/// rows of `dim` values), computed exactly (no ‖a‖² + ‖b‖² − 2a·b shortcut).
+pub fn nearest_distance_mean(a: &[f32], b: &[f32], dim: usize) -> Result<f64> {
+    check_rows("nearest_distance_mean (a)", a, dim)?;
+    check_rows("nearest_distance_mean (b)", b, dim)?;
+    let total: f64 = a
+        .chunks_exact(dim)
+        .map(|x| {
+            let best = b
+                .chunks_exact(dim)
+                .map(|y| x.iter().zip(y).map(|(p, q)| (p - q) * (p - q)).sum::<f32>())
+                .fold(f32::INFINITY, f32::min);
+            (best as f64).sqrt()
+        })
+        .sum();
+    Ok(total / (a.len() / dim) as f64)
+}
+
+/// W3's quality metric: (mean distance from each sample to its nearest training digit) /
+/// (mean distance from each test digit to its nearest training digit), all in [−1, 1] pixel
+/// units. Near 1 when samples sit as close to the data as held-out digits do.
+pub fn nn_ratio(samples: &[f32], digits: &Digits) -> Result<f64> {
+    Ok(nearest_distance_mean(samples, &digits.train.x, PIXELS)?
+        / nearest_distance_mean(&digits.test.x, &digits.train.x, PIXELS)?)
+}
+
+/// One thread for small batches (waking a second costs more than it saves), the default team
+/// for large ones.
+fn team_for(rows: usize) -> Team {
+    if rows >= 256 {
+        Team::default_size()
+    } else {
+        Team::new(1)
+    }
+}
+
+fn check_len(what: &str, want: usize, got: usize) -> Result<()> {
+    if want != got {
+        return Err(Error::shape(
+            what,
+            format!("{want} values"),
+            format!("{got} values"),
+        ));
+    }
+    Ok(())
+}
+
+fn check_rows(what: &str, values: &[f32], width: usize) -> Result<()> {
+    if width == 0 || values.is_empty() || !values.len().is_multiple_of(width) {
+        return Err(Error::shape(
+            what,
+            format!("a whole number of rows of {width} values (at least one row)"),
+            format!("{} values", values.len()),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,383 @@
+//! Diffusion: the closed forms against Monte Carlo, the quadrature reverse step against joint
+//! samples, training that learns, DDIM against DDPM, checkpoints, and bad settings named.
+
+use genlab::data::{load_digits, swiss_roll, Scale};
+use genlab::diffusion::*;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+fn rng(seed: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(seed)
+}
+
+fn mean_var(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    (
+        m,
+        xs.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0),
+    )
+}
+
+/// q(x_t | x_0) = N(√ᾱ_t x_0, 1 − ᾱ_t) against iterating x_t = √α_t x_{t−1} + √β_t ε, for both
+/// schedules. Tolerance: 5 standard errors of the Monte Carlo estimate (the mean's SE is
+/// √(var/N); the sample variance's is var·√(2/(N−1)) for a Gaussian).
+#[test]
+fn forward_marginal_matches_the_iterated_process() {
+    const N: usize = 20_000;
+    for (kind, steps) in [(Schedule::w3(), 200), (Schedule::cosine(), 100)] {
+        let s = NoiseSchedule::new(kind, steps).unwrap();
+        let x0 = 1.5;
+        let mut r = rng(1);
+        let mut chains = vec![x0; N];
+        for t in 1..=steps {
+            let (a, b) = (s.alpha(t).unwrap().sqrt(), s.beta(t).unwrap().sqrt());
+            for x in chains.iter_mut() {
+                let e: f64 = StandardNormal.sample(&mut r);
+                *x = a * *x + b * e;
+            }
+            if [1, 10, steps / 2, steps].contains(&t) {
+                let ab = s.alpha_bar(t).unwrap();
+                let (m, v) = mean_var(&chains);
+                let (want_m, want_v) = (ab.sqrt() * x0, 1.0 - ab);
+                let (se_m, se_v) = ((want_v / N as f64).sqrt(), want_v * (2.0 / N as f64).sqrt());
+                assert!(
+                    (m - want_m).abs() < 5.0 * se_m,
+                    "{kind:?} t={t}: mean {m} vs {want_m}"
+                );
+                assert!(
+                    (v - want_v).abs() < 5.0 * se_v,
+                    "{kind:?} t={t}: var {v} vs {want_v}"
+                );
+            }
+        }
+        // The closed-form draw agrees with the formula it implements.
+        let xt = s.q_sample(&[2.0], steps / 2, &[0.5]).unwrap()[0] as f64;
+        let ab = s.alpha_bar(steps / 2).unwrap();
+        assert!((xt - (ab.sqrt() * 2.0 + (1.0 - ab).sqrt() * 0.5)).abs() < 1e-6);
+    }
+}
+
+/// q(x_{t−1} | x_t, x_0) against joint samples of (x_{t−1}, x_t) given x_0: the pair is jointly
+/// Gaussian, so E[x_{t−1} | x_t] is exactly linear in x_t and the least-squares line through
+/// the samples estimates it; the residual variance estimates β̃_t. Tolerance: 5 standard
+/// errors (the fitted line at a point within a standard deviation of the mean has SE below
+/// 2√(β̃/N); the residual variance's SE is β̃√(2/N)).
+#[test]
+fn posterior_mean_and_variance_match_monte_carlo() {
+    const N: usize = 200_000;
+    let s = NoiseSchedule::new(Schedule::w3(), 200).unwrap();
+    let x0 = 0.8;
+    let mut r = rng(2);
+    for t in [2, 20, 100, 200] {
+        let (ab_prev, a, b) = (
+            s.alpha_bar(t - 1).unwrap(),
+            s.alpha(t).unwrap(),
+            s.beta(t).unwrap(),
+        );
+        let mut prev = Vec::with_capacity(N);
+        let mut cur = Vec::with_capacity(N);
+        for _ in 0..N {
+            let (e1, e2): (f64, f64) =
+                (StandardNormal.sample(&mut r), StandardNormal.sample(&mut r));
+            let xp = ab_prev.sqrt() * x0 + (1.0 - ab_prev).sqrt() * e1;
+            prev.push(xp);
+            cur.push(a.sqrt() * xp + b.sqrt() * e2);
+        }
+        let (mp, _) = mean_var(&prev);
+        let (mc, vc) = mean_var(&cur);
+        let cov = prev
+            .iter()
+            .zip(&cur)
+            .map(|(p, c)| (p - mp) * (c - mc))
+            .sum::<f64>()
+            / (N as f64 - 1.0);
+        let slope = cov / vc;
+        let resid: Vec<f64> = prev
+            .iter()
+            .zip(&cur)
+            .map(|(p, c)| p - (mp + slope * (c - mc)))
+            .collect();
+        let (_, v_resid) = mean_var(&resid);
+        let (_, want_var) = s.posterior(t, 0.0, x0).unwrap();
+        for x_t in [mc, mc + vc.sqrt()] {
+            let (want_mean, _) = s.posterior(t, x_t, x0).unwrap();
+            let got = mp + slope * (x_t - mc);
+            let se = 2.0 * (want_var / N as f64).sqrt();
+            assert!(
+                (got - want_mean).abs() < 5.0 * se,
+                "t={t}, x_t={x_t}: mean {got} vs {want_mean}"
+            );
+        }
+        let se_v = want_var * (2.0 / N as f64).sqrt();
+        assert!(
+            (v_resid - want_var).abs() < 5.0 * se_v,
+            "t={t}: var {v_resid} vs {want_var}"
+        );
+    }
+}
+
+/// The reverse conditional by quadrature integrates to 1 (its evidence is computed in closed
+/// form, not by normalising the grid) and its mean and variance match joint samples
+/// (x_t, x_{t+1}) kept when x_{t+1} falls within ±h of the conditioning value. Tolerance: 5
+/// standard errors of the kept samples' moments; the window's own bias (variance inflated by
+/// about (h/√α)²/3 ≈ 3e-5, under 1 % of the narrowest variance here) is far below that for
+/// h = 0.01.
+#[test]
+fn reverse_conditional_by_quadrature_matches_joint_samples() {
+    let data = Mixture1d::bimodal(1.0, 0.1).unwrap();
+    let alpha_bar_t = 0.9;
+    let grid: Vec<f64> = genlab::math::linspace(-5.0, 5.0, 8001);
+    for (alpha, x_next) in [(0.3, 0.2), (0.995, 0.2), (0.995, 0.9)] {
+        let q = reverse_conditional_1d(&data, alpha_bar_t, alpha, x_next, &grid).unwrap();
+        let mass = genlab::math::trapezoid(&grid, &q);
+        assert!((mass - 1.0).abs() < 1e-6, "α={alpha}: ∫q = {mass}");
+        let xq: Vec<f64> = grid.iter().zip(&q).map(|(x, p)| x * p).collect();
+        let mean = genlab::math::trapezoid(&grid, &xq);
+        let x2q: Vec<f64> = grid
+            .iter()
+            .zip(&q)
+            .map(|(x, p)| (x - mean) * (x - mean) * p)
+            .collect();
+        let var = genlab::math::trapezoid(&grid, &x2q);
+
+        let h = 0.01;
+        let xs = data
+            .noised(alpha_bar_t)
+            .unwrap()
+            .sample(4_000_000, 3)
+            .unwrap();
+        let mut r = rng(4);
+        let kept: Vec<f64> = xs
+            .into_iter()
+            .filter(|&x| {
+                let e: f64 = StandardNormal.sample(&mut r);
+                (alpha.sqrt() * x + (1.0 - alpha).sqrt() * e - x_next).abs() < h
+            })
+            .collect();
+        assert!(kept.len() > 2000, "only {} samples kept", kept.len());
+        let (m, v) = mean_var(&kept);
+        let n = kept.len() as f64;
+        // The variance's SE uses the fourth moment of a bimodal law: up to ~2√(1/n)·var.
+        assert!(
+            (m - mean).abs() < 5.0 * (var / n).sqrt(),
+            "α={alpha}: mean {m} vs {mean}"
+        );
+        assert!(
+            (v - var).abs() < 5.0 * 2.0 * var / n.sqrt(),
+            "α={alpha}: var {v} vs {var}"
+        );
+        eprintln!("α={alpha} x'={x_next}: ∫ = {mass:.8}, mean {mean:.4} (MC {m:.4}), var {var:.5} (MC {v:.5}), {n} kept");
+    }
+}
+
+fn nn_mean(samples: &[[f32; 2]], data: &[[f32; 2]]) -> f64 {
+    let a: Vec<f32> = samples.iter().flatten().copied().collect();
+    let b: Vec<f32> = data.iter().flatten().copied().collect();
+    nearest_distance_mean(&a, &b, 2).unwrap()
+}
+
+/// A short training on the swiss roll gives samples measurably closer to the data than the
+/// prior N(0, I). The bar sits halfway between the prior's mean distance to its nearest data
+/// point and that of held-out swiss-roll points (what a perfect model would reach): an
+/// untrained denoiser (ε̂ ≈ 0 at initialisation) leaves samples as spread as the prior and
+/// cannot pass it.
+#[test]
+fn a_short_training_on_the_swiss_roll_beats_the_prior() {
+    let data = swiss_roll(2000, 0.05, 0).xy;
+    let held_out = swiss_roll(1000, 0.05, 1).xy;
+    let prior: Vec<[f32; 2]> = {
+        let mut r = rng(5);
+        (0..1000)
+            .map(|_| [StandardNormal.sample(&mut r), StandardNormal.sample(&mut r)])
+            .collect()
+    };
+    let (d_prior, d_data) = (nn_mean(&prior, &data), nn_mean(&held_out, &data));
+    let bar = 0.5 * (d_prior + d_data);
+    let mut ddpm = Ddpm::points(DdpmConfig::toy_2d(), &data).unwrap();
+    ddpm.verbose = false;
+    let to_points = |x: Vec<f32>| -> Vec<[f32; 2]> { x.chunks(2).map(|c| [c[0], c[1]]).collect() };
+    let untrained = nn_mean(&to_points(ddpm.sample(1000, 6).unwrap()), &data);
+    ddpm.train(1500).unwrap();
+    let trained = nn_mean(&to_points(ddpm.sample(1000, 6).unwrap()), &data);
+    eprintln!("prior {d_prior:.4}, held-out {d_data:.4}, bar {bar:.4}, untrained {untrained:.4}, trained {trained:.4}");
+    assert!(
+        untrained > bar,
+        "untrained {untrained} should not pass the bar {bar}"
+    );
+    assert!(trained < bar, "trained {trained} should pass the bar {bar}");
+}
+
+/// W3 (4,000 steps, as the benchmark): deterministic DDIM in 50 steps reaches an `nn_ratio`
+/// within 10 % of DDPM's 200 ancestral steps (the issue's bar) when it starts from the Gaussian
+/// that matches q(x_T). From N(0, I) it does not: W3's schedule ends at ᾱ_T ≈ 0.13, so
+/// N(0, I) is not q(x_T); DDPM's added noise corrects that, DDIM's deterministic path carries
+/// it to x_0 (measured 1.50 to 1.54 from N(0, I) against 1.36 to 1.38 for DDPM, seeds 7 and 8;
+/// 1.38 to 1.41 from the matched start). Clipped N(0, I) noise scores ~3.7: both samplers are
+/// far from it.
+#[test]
+fn ddim_in_50_steps_is_within_10_percent_of_ddpm() {
+    let digits = load_digits(Scale::Symmetric).unwrap();
+    let mut ddpm = Ddpm::digits(DdpmConfig::default()).unwrap();
+    ddpm.verbose = false;
+    ddpm.train(4000).unwrap();
+    let n = 500;
+    let ddpm_ratio = nn_ratio(&ddpm.sample(n, 7).unwrap(), &digits).unwrap();
+    let start = ddpm.matched_start(n, 7).unwrap();
+    let ddim_ratio = nn_ratio(&ddpm.sample_ddim_from(&start, 50).unwrap(), &digits).unwrap();
+    let ddim_prior = nn_ratio(&ddpm.sample_ddim(n, 50, 7).unwrap(), &digits).unwrap();
+    let mut r = rng(8);
+    let noise: Vec<f32> = (0..n * 64)
+        .map(|_| StandardNormal.sample(&mut r))
+        .map(|v: f32| v.clamp(-1.0, 1.0))
+        .collect();
+    let prior_ratio = nn_ratio(&noise, &digits).unwrap();
+    eprintln!(
+        "nn_ratio: DDPM {ddpm_ratio:.3}, DDIM-50 from matched q(x_T) {ddim_ratio:.3}, \
+         from N(0, I) {ddim_prior:.3}, clipped noise {prior_ratio:.3}"
+    );
+    assert!(
+        ddpm_ratio < 0.5 * prior_ratio,
+        "DDPM {ddpm_ratio} vs noise {prior_ratio}"
+    );
+    assert!(
+        (ddim_ratio - ddpm_ratio).abs() <= 0.1 * ddpm_ratio,
+        "DDIM-50 {ddim_ratio} vs DDPM {ddpm_ratio}"
+    );
+    assert!(
+        ddim_ratio < ddim_prior,
+        "the matched start should help DDIM"
+    );
+}
+
+#[test]
+fn same_seed_same_losses_and_checkpoints_resume_exactly() {
+    let data = swiss_roll(500, 0.05, 0).xy;
+    let config = DdpmConfig {
+        iters: 300,
+        batch_size: 64,
+        ..DdpmConfig::toy_2d()
+    };
+    let mut a = Ddpm::points(config.clone(), &data).unwrap();
+    let mut b = Ddpm::points(config.clone(), &data).unwrap();
+    a.verbose = false;
+    b.verbose = false;
+    a.train(150).unwrap();
+    a.train(150).unwrap();
+    b.train(300).unwrap();
+    assert_eq!(a.step_losses, b.step_losses);
+    assert_eq!(a.denoiser().parameters(), b.denoiser().parameters());
+
+    let path = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("ddpm-checkpoint.json");
+    a.save(&path).unwrap();
+    let mut loaded = Ddpm::load(&path).unwrap();
+    loaded.verbose = false;
+    assert_eq!(loaded.denoiser().parameters(), a.denoiser().parameters());
+    assert_eq!(loaded.history, a.history);
+    assert_eq!(loaded.sample(20, 3).unwrap(), a.sample(20, 3).unwrap());
+    loaded.train(100).unwrap();
+    a.train(100).unwrap();
+    assert_eq!(loaded.step_losses, a.step_losses);
+    assert_eq!(loaded.denoiser().parameters(), a.denoiser().parameters());
+    assert!(Ddpm::load(path.with_extension("missing")).is_err());
+}
+
+#[test]
+fn a_non_finite_loss_is_a_diverged_error() {
+    let data = swiss_roll(500, 0.05, 0).xy;
+    let mut ddpm = Ddpm::points(
+        DdpmConfig {
+            lr: 1e30,
+            ..DdpmConfig::toy_2d()
+        },
+        &data,
+    )
+    .unwrap();
+    ddpm.verbose = false;
+    let err = ddpm.train(200).unwrap_err();
+    let genlab::Error::Diverged { step, .. } = err else {
+        panic!("expected Diverged, got {err}");
+    };
+    assert!(step > 0, "the first step is finite");
+    assert_eq!(ddpm.steps_done(), step);
+    assert!(ddpm.denoiser().parameters().iter().all(|p| p.is_finite()));
+}
+
+#[test]
+fn bad_settings_name_the_field() {
+    let d = DdpmConfig::default;
+    for (config, field) in [
+        (DdpmConfig { steps: 0, ..d() }, "`steps`"),
+        (
+            DdpmConfig {
+                hidden: vec![],
+                ..d()
+            },
+            "`hidden`",
+        ),
+        (
+            DdpmConfig {
+                embedding: 63,
+                ..d()
+            },
+            "`embedding`",
+        ),
+        (
+            DdpmConfig {
+                batch_size: 0,
+                ..d()
+            },
+            "`batch_size`",
+        ),
+        (DdpmConfig { lr: -1.0, ..d() }, "`lr`"),
+        (
+            DdpmConfig {
+                clip: Some(0.0),
+                ..d()
+            },
+            "`clip`",
+        ),
+        (
+            DdpmConfig {
+                schedule: Schedule::Linear {
+                    beta_start: 1e-4,
+                    beta_end: 1.5,
+                },
+                ..d()
+            },
+            "`beta_end`",
+        ),
+    ] {
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains(field), "{field}: {err}");
+    }
+    let s = NoiseSchedule::new(Schedule::w3(), 200).unwrap();
+    assert!(s.alpha_bar(201).unwrap_err().to_string().contains("`t`"));
+    let mut ddpm = Ddpm::points(DdpmConfig::toy_2d(), &[[0.0, 0.0]]).unwrap();
+    assert!(ddpm
+        .sample_ddim(4, 0, 0)
+        .unwrap_err()
+        .to_string()
+        .contains("`steps`"));
+    assert!(Ddpm::new(DdpmConfig::toy_2d(), &[1.0, 2.0, 3.0], 2).is_err());
+}
+
+/// Schedules: ᾱ_t falls monotonically from near 1; W3's linear schedule ends at ᾱ_T ≈ 0.13
+/// (e^{−Σβ}, Σβ ≈ 2.01) and the cosine one at ≈ 0; the time embedding is W3's.
+#[test]
+fn schedules_and_embedding() {
+    let lin = NoiseSchedule::new(Schedule::w3(), 200).unwrap();
+    let cos = NoiseSchedule::new(Schedule::cosine(), 200).unwrap();
+    for s in [&lin, &cos] {
+        assert!(s.alpha_bars.windows(2).all(|w| w[1] < w[0]));
+        assert!(s.snr(1).unwrap() > s.snr(200).unwrap());
+    }
+    let ab_t = lin.alpha_bar(200).unwrap();
+    assert!((ab_t - 0.134).abs() < 0.005, "{ab_t}");
+    assert!(cos.alpha_bar(200).unwrap() < 1e-4);
+    let e = time_embedding(3, 64);
+    assert_eq!(e.len(), 64);
+    assert!((e[0] - 3f32.sin()).abs() < 1e-6 && (e[32] - 3f32.cos()).abs() < 1e-6);
+    let f1 = (-(10000f32).ln() / 32.0).exp();
+    assert!((e[1] - (3.0 * f1).sin()).abs() < 1e-6);
+}
