@@ -48,9 +48,10 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup                                   install the kernel, Jupyter (in .venv) and fonts
   lab                                     setup, then JupyterLab on notebooks/
   run [NOTEBOOK...] [--param NAME=VALUE]  execute notebooks (all by default) into exports/
-  test                                    cargo test, then every notebook with smoke parameters
-  bench --reference DIR [--rounds N] [--steps-scale X] [--install]
-                                          (developers) W1 against PyTorch's reference script in DIR";
+  test                                    cargo test (also the portable build, and Miri on the
+                                          engine), then every notebook with smoke parameters
+  bench --reference DIR [--workloads W,..] [--rounds N] [--steps-scale X] [--install]
+                                          (developers) W1-W3 against PyTorch's scripts in DIR";
 
 fn project_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -459,16 +460,48 @@ fn lab(root: &Path) -> Result<()> {
     status(&mut cmd)
 }
 
-/// The benchmark: our `genlab-bench vae-digits` and the PyTorch reference script, alternated
-/// for several rounds in one run, PyTorch at its default threads and at one thread.
+/// A benchmark workload: our subcommand, PyTorch's script, and the numbers to compare (keys
+/// of both JSON lines; `*_seconds` are times, the rest quality metrics).
+struct Workload {
+    name: &'static str,
+    label: &'static str,
+    script: &'static str,
+    keys: &'static [&'static str],
+}
+
+const WORKLOADS: [Workload; 3] = [
+    Workload {
+        name: "vae-digits",
+        label: "W1",
+        script: "torch_vae.py",
+        keys: &["train_seconds", "test_neg_elbo"],
+    },
+    Workload {
+        name: "gan-ring",
+        label: "W2",
+        script: "torch_gan.py",
+        keys: &["train_seconds", "modes", "high_quality"],
+    },
+    Workload {
+        name: "ddpm-digits",
+        label: "W3",
+        script: "torch_ddpm.py",
+        keys: &["train_seconds", "sample_seconds", "nn_ratio"],
+    },
+];
+
+/// The benchmark: our `genlab-bench <workload>` and the PyTorch reference script, alternated
+/// for several rounds in one run, PyTorch at its default threads and at one thread; medians
+/// and ratios per workload.
 fn bench(root: &Path, args: &[String]) -> Result<()> {
     let (mut reference, mut rounds, mut scale, mut install) =
         (None, 3usize, "1".to_string(), false);
+    let mut chosen: Vec<String> = WORKLOADS.iter().map(|w| w.name.to_string()).collect();
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--install" => install = true,
-            "--reference" | "--rounds" | "--steps-scale" => {
+            "--reference" | "--rounds" | "--steps-scale" | "--workloads" => {
                 let value = it.next().ok_or(format!("{arg} needs a value"))?;
                 match arg.as_str() {
                     "--reference" => reference = Some(PathBuf::from(value)),
@@ -479,17 +512,34 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
                             .filter(|r| *r >= 1)
                             .ok_or(format!("--rounds {value}: use a whole number ≥ 1"))?
                     }
+                    "--workloads" => {
+                        chosen = value.split(',').map(|w| w.trim().to_string()).collect();
+                        if let Some(bad) = chosen
+                            .iter()
+                            .find(|w| !WORKLOADS.iter().any(|k| k.name == w.as_str()))
+                        {
+                            let known: Vec<&str> = WORKLOADS.iter().map(|w| w.name).collect();
+                            return Err(format!("--workloads: `{bad}` is not one of {known:?}"));
+                        }
+                    }
                     _ => scale = value.clone(),
                 }
             }
             _ => return Err(format!("unknown option `{arg}`\n{USAGE}")),
         }
     }
-    let reference = reference
-        .ok_or("--reference DIR is required: the folder with torch_vae.py (../shared/reference)")?;
-    let script = reference.join("torch_vae.py");
-    if !script.is_file() {
-        return Err(format!("{} not found", script.display()));
+    let reference = reference.ok_or(
+        "--reference DIR is required: the folder with the torch_*.py scripts (../shared/reference)",
+    )?;
+    let workloads: Vec<&Workload> = WORKLOADS
+        .iter()
+        .filter(|w| chosen.iter().any(|c| c == w.name))
+        .collect();
+    for w in &workloads {
+        let script = reference.join(w.script);
+        if !script.is_file() {
+            return Err(format!("{} not found", script.display()));
+        }
     }
     let venv = root.join(".venv-bench");
     let python = venv.join("bin/python");
@@ -520,41 +570,42 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
             .current_dir(root),
     )?;
     let ours = root.join("target/release/genlab-bench");
-    let mut results: Vec<(String, Vec<f64>, Vec<f64>)> =
-        ["genlab", "pytorch (default threads)", "pytorch (1 thread)"]
-            .iter()
-            .map(|n| (n.to_string(), vec![], vec![]))
-            .collect();
+    let runners = ["genlab", "pytorch (default threads)", "pytorch (1 thread)"];
+    // results[workload][runner][key] = the values of every round.
+    let mut results: Vec<Vec<Vec<Vec<f64>>>> = workloads
+        .iter()
+        .map(|w| vec![vec![vec![]; w.keys.len()]; runners.len()])
+        .collect();
     for round in 0..rounds {
         println!("[bench] round {} of {rounds}", round + 1);
-        for (which, result) in results.iter_mut().enumerate() {
-            let mut cmd = if which == 0 {
-                let mut c = Command::new(&ours);
-                c.args(["vae-digits", "--steps-scale", &scale]);
-                c
-            } else {
-                let mut c = Command::new(&python);
-                c.arg(&script).args(["--steps-scale", &scale]);
-                if which == 2 {
-                    c.env("OMP_NUM_THREADS", "1").env("MKL_NUM_THREADS", "1");
+        for (wi, w) in workloads.iter().enumerate() {
+            for (which, per_key) in results[wi].iter_mut().enumerate() {
+                let mut cmd = if which == 0 {
+                    let mut c = Command::new(&ours);
+                    c.args([w.name, "--steps-scale", &scale]);
+                    c
+                } else {
+                    let mut c = Command::new(&python);
+                    c.arg(reference.join(w.script))
+                        .args(["--steps-scale", &scale]);
+                    if which == 2 {
+                        c.env("OMP_NUM_THREADS", "1").env("MKL_NUM_THREADS", "1");
+                    }
+                    c
+                };
+                let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+                let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
+                if !out.status.success() {
+                    return Err(format!(
+                        "{cmd:?} failed: {}",
+                        String::from_utf8_lossy(&out.stderr)
+                    ));
                 }
-                c
-            };
-            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
-            let line = String::from_utf8_lossy(&out.stdout).trim().to_string();
-            if !out.status.success() {
-                return Err(format!(
-                    "{cmd:?} failed: {}",
-                    String::from_utf8_lossy(&out.stderr)
-                ));
+                println!("{line}");
+                for (values, key) in per_key.iter_mut().zip(w.keys) {
+                    values.push(json_number(&line, key).ok_or(format!("no {key} in: {line}"))?);
+                }
             }
-            println!("{line}");
-            let seconds =
-                json_number(&line, "train_seconds").ok_or("no train_seconds in the output")?;
-            let nelbo =
-                json_number(&line, "test_neg_elbo").ok_or("no test_neg_elbo in the output")?;
-            result.1.push(seconds);
-            result.2.push(nelbo);
         }
     }
     let median = |v: &[f64]| {
@@ -562,24 +613,37 @@ fn bench(root: &Path, args: &[String]) -> Result<()> {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!("\nW1 vae-digits, median of {rounds} rounds:");
-    println!("{:<28} {:>14} {:>14}", "", "train seconds", "test NELBO");
-    for (name, seconds, nelbo) in &results {
-        println!(
-            "{name:<28} {:>14.3} {:>14.3}",
-            median(seconds),
-            median(nelbo)
-        );
-    }
-    let ours_s = median(&results[0].1);
-    let ours_q = median(&results[0].2);
-    for (name, seconds, nelbo) in &results[1..] {
-        println!(
-            "ours / {name}: train time {:.3} (PyTorch is {:.2}x our time), test NELBO {:.4}",
-            ours_s / median(seconds),
-            median(seconds) / ours_s,
-            ours_q / median(nelbo)
-        );
+    for (wi, w) in workloads.iter().enumerate() {
+        println!("\n{} {}, median of {rounds} rounds:", w.label, w.name);
+        print!("{:<28}", "");
+        for key in w.keys {
+            print!(" {key:>15}");
+        }
+        println!();
+        for (name, per_key) in runners.iter().zip(&results[wi]) {
+            print!("{name:<28}");
+            for values in per_key {
+                print!(" {:>15.4}", median(values));
+            }
+            println!();
+        }
+        let ours = &results[wi][0];
+        for (name, theirs) in runners.iter().zip(&results[wi]).skip(1) {
+            let parts: Vec<String> = w
+                .keys
+                .iter()
+                .enumerate()
+                .map(|(k, key)| {
+                    let (o, t) = (median(&ours[k]), median(&theirs[k]));
+                    if key.ends_with("_seconds") {
+                        format!("{key}: PyTorch takes {:.2}x our time", t / o)
+                    } else {
+                        format!("{key}: ours / PyTorch {:.4}", o / t)
+                    }
+                })
+                .collect();
+            println!("vs {name}: {}", parts.join("; "));
+        }
     }
     Ok(())
 }
