@@ -499,8 +499,12 @@ pub(crate) unsafe fn pack_b_rows(rows: &[f32], i0: usize, k: usize, n: usize, ds
             // row i's entries; `piece` is a different allocation (a shared borrow).
             unsafe {
                 let at = dst.add(q * k * NR + i * NR);
-                std::ptr::copy_nonoverlapping(piece.as_ptr(), at, piece.len());
-                if piece.len() < NR {
+                if piece.len() == NR {
+                    // A copy of constant size: a vector move, not a call to memcpy (this runs
+                    // for every row of every layer's input and weights, every step).
+                    std::ptr::copy_nonoverlapping(piece.as_ptr(), at, NR);
+                } else {
+                    std::ptr::copy_nonoverlapping(piece.as_ptr(), at, piece.len());
                     std::ptr::write_bytes(at.add(piece.len()), 0, NR - piece.len());
                 }
             }
