@@ -12,6 +12,7 @@
 //! | [`train`] | model chapters | a model + Adam + history that trains correctly across cells |
 //! | [`elbo`] | 2, `02_elbo` | variational inference, the ELBO identity, IWAE, gradient estimators |
 //! | [`vae`] | 3, `03_vae` | the VAE on the digits: training, samples, latents, checkpoints |
+//! | [`gan`] | 4, `04_gan` | the GAN: alternating training, D against D*, the ring's modes, PacGAN |
 //! | `kernels` (private) | 3 | fused CPU kernels: packed matrix multiply with bias/ReLU/Adam folded in |
 //! | [`math`] | all | log-gamma, densities, quadrature |
 //!
@@ -25,6 +26,7 @@ pub mod bayes;
 pub mod data;
 pub mod elbo;
 pub mod error;
+pub mod gan;
 mod kernels;
 pub mod loss;
 pub mod math;
@@ -52,6 +54,7 @@ pub mod prelude {
     pub use crate::bayes::{self, Beta, NormalNormal};
     pub use crate::data::{self, Batches, Digits, Images, Points, Scale};
     pub use crate::error::{Error, Result};
+    pub use crate::gan::{Gan, GanConfig, GanData, GanLoss, GenOutput};
     pub use crate::math::{linspace, ln_beta, ln_gamma, logsumexp, normal_pdf, simpson, trapezoid};
     pub use crate::plot::{Corner, Figure, Png};
     pub use crate::train::{self, AdamSettings, Trainer};
