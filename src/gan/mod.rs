@@ -487,6 +487,19 @@ pub fn optimal_discriminator(p_data: f64, p_g: f64) -> f64 {
     }
 }
 
+/// A notebook's check of a claim it has just demonstrated: `Ok` when `holds`, otherwise an
+/// error naming the claim, so that a run whose demonstration stopped demonstrating fails
+/// instead of printing a wrong sentence.
+pub fn check_claim(holds: bool, claim: &str) -> Result<()> {
+    ensure(
+        holds,
+        "claim",
+        claim,
+        "the run did not show what the text says: use the default parameters (or more \
+         iterations), or see what changed",
+    )
+}
+
 /// The generator's gradient under both losses on one batch (see [`Gan::generator_gradients`]).
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct GradientComparison {
@@ -604,6 +617,21 @@ impl Gan {
     /// The discriminator network (m·d → hidden… → 1 logit).
     pub fn discriminator(&self) -> &Mlp {
         &self.d
+    }
+
+    /// Changes both learning rates (each network keeps its Adam moments): to go on after a
+    /// divergence with smaller steps, or to fit D alone faster with [`Gan::train_discriminator`].
+    pub fn set_learning_rates(&mut self, g_lr: f64, d_lr: f64) -> Result<()> {
+        let config = GanConfig {
+            g_lr,
+            d_lr,
+            ..self.config
+        };
+        config.validate()?;
+        self.g.set_adam(config.g_adam())?;
+        self.d.set_adam(config.d_adam())?;
+        self.config = config;
+        Ok(())
     }
 
     /// Iterations trained so far.
@@ -1026,6 +1054,60 @@ impl Gan {
     }
 }
 
+/// D against the optimal D* on a 1-D grid, with the generator as it is now.
+#[derive(Debug, Clone, PartialEq)]
+pub struct OptimalD1d {
+    /// Bin centres.
+    pub x: Vec<f64>,
+    /// p_data at the centres.
+    pub p_data: Vec<f64>,
+    /// p_g per bin, exact up to the z grid ([`Gan::generator_density_1d`]).
+    pub p_g: Vec<f64>,
+    /// D*(x) = p_data / (p_data + p_g).
+    pub d_star: Vec<f64>,
+    /// The trained D(x).
+    pub d: Vec<f64>,
+    /// Σ w |D − D*| / Σ w with w = ½(p_data + p_g), the mixture D is trained on.
+    pub mean_abs_error: f64,
+}
+
+impl Gan {
+    /// D and D* on `bins` bins over [lo, hi] (1-D mixture data, latent 1), and their mean
+    /// distance weighted by where D is trained.
+    pub fn optimal_discriminator_1d(&self, lo: f64, hi: f64, bins: usize) -> Result<OptimalD1d> {
+        let (x, p_g) = self.generator_density_1d(lo, hi, bins)?;
+        let p_data = x
+            .iter()
+            .map(|&x| self.data.density_1d(x))
+            .collect::<Result<Vec<f64>>>()?;
+        let d_star: Vec<f64> = p_data
+            .iter()
+            .zip(&p_g)
+            .map(|(&a, &b)| optimal_discriminator(a, b))
+            .collect();
+        let grid: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+        let d: Vec<f64> = self
+            .discriminate(&grid)?
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let (mut w, mut total) = (0.0, 0.0);
+        for i in 0..x.len() {
+            let wi = 0.5 * (p_data[i] + p_g[i]);
+            w += wi;
+            total += wi * (d[i] - d_star[i]).abs();
+        }
+        Ok(OptimalD1d {
+            x,
+            p_data,
+            p_g,
+            d_star,
+            d,
+            mean_abs_error: total / w.max(f64::MIN_POSITIVE),
+        })
+    }
+}
+
 /// A grid of ring snapshots in one figure: each snapshot's D(x) surface as a heatmap tile (one
 /// colour scale for all tiles, so a flattening D shows as a fading contrast), its samples on
 /// top, `cols` tiles a row, left to right then top to bottom. Each tile spans [−3, 3]².
@@ -1147,8 +1229,8 @@ mod tests {
         let c = ring_centres();
         let mut s = vec![];
         for _ in 0..25 {
-            for k in 0..3 {
-                s.extend_from_slice(&c[k]);
+            for centre in &c[..3] {
+                s.extend_from_slice(centre);
             }
         }
         s.extend_from_slice(&[0.0, 0.0]);
