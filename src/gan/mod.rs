@@ -748,7 +748,7 @@ impl Gan {
             fix: format!(
                 "The {which} stopped being finite at iteration {iteration}, before its update: \
                  both networks keep their last finite parameters. Lower the learning rates \
-                 (d_lr = {}, g_lr = {}; W2 uses 2e-4).",
+                 (d_lr = {:e}, g_lr = {:e}; W2 uses 2e-4).",
                 self.config.d_lr, self.config.g_lr
             ),
         })
@@ -780,7 +780,7 @@ impl Gan {
             loss: value,
             fix: format!(
                 "An update at iteration {iteration} made a parameter {value}; it was undone, \
-                 so both networks keep their last finite parameters. Lower {which} (now {lr}; \
+                 so both networks keep their last finite parameters. Lower {which} (now {lr:e}; \
                  W2 uses 2e-4)."
             ),
         })
