@@ -12,8 +12,11 @@
 //! | [`train`] | model chapters | a model + Adam + history that trains correctly across cells |
 //! | [`elbo`] | 2, `02_elbo` | variational inference, the ELBO identity, IWAE, gradient estimators |
 //! | [`vae`] | 3, `03_vae` | the VAE on the digits: training, samples, latents, checkpoints |
+//! | [`gan`] | 4, `04_gan` | the GAN: alternating training, D against D*, the ring's modes, PacGAN |
 //! | [`diffusion`] | 5, `05_diffusion` | noise schedules, q(x_t \| x_0), the posterior, DDPM and DDIM |
-//! | `kernels` (private) | 3 | fused CPU kernels: packed matrix multiply with bias/ReLU/Adam folded in |
+//! | [`mlp`] | 3 to 5 | the engine: MLPs of any widths, forward/backward with fused Adam, two threads |
+//! | [`loss`] | 3 to 5 | losses and their gradients (BCE with logits) in the engine's form |
+//! | `kernels` (private) | 3 to 5 | packed matrix multiply (AVX-512, AVX2, portable) with bias/activation/Adam folded in |
 //! | [`math`] | all | log-gamma, densities, quadrature |
 //!
 //! Nothing a learner can influence panics: every fallible call returns [`Result`] with an
@@ -28,6 +31,7 @@ pub mod data;
 pub mod diffusion;
 pub mod elbo;
 pub mod error;
+pub mod gan;
 mod kernels;
 pub mod loss;
 pub mod math;
@@ -58,6 +62,7 @@ pub mod prelude {
     pub use crate::data::{self, Batches, Digits, Images, Points, Scale};
     pub use crate::diffusion::{Ddpm, DdpmConfig, Mixture1d, NoiseSchedule, Schedule};
     pub use crate::error::{Error, Result};
+    pub use crate::gan::{Gan, GanConfig, GanData, GanLoss, GenOutput};
     pub use crate::math::{linspace, ln_beta, ln_gamma, logsumexp, normal_pdf, simpson, trapezoid};
     pub use crate::plot::{Corner, Figure, Png};
     pub use crate::train::{self, AdamSettings, Trainer};

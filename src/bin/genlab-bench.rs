@@ -3,6 +3,7 @@
 //!
 //!     cargo run --release --bin genlab-bench -- vae-digits [--seed N] [--steps-scale X]
 //!     cargo run --release --bin genlab-bench -- ddpm-digits [--seed N] [--steps-scale X]
+//!     cargo run --release --bin genlab-bench -- gan-ring [--seed N] [--steps-scale X]
 //!     cargo run --release --bin genlab-bench -- mlp [--steps-scale X]
 //!     cargo run --release --features bench-gemm --bin genlab-bench -- gemm [--rounds N]
 //!
@@ -15,7 +16,7 @@ use genlab::vae::{Vae, VaeConfig};
 use std::process::ExitCode;
 use std::time::Instant;
 
-const USAGE: &str = "usage: genlab-bench vae-digits|ddpm-digits|mlp [--seed N] [--steps-scale X] | genlab-bench gemm [--rounds N]";
+const USAGE: &str = "usage: genlab-bench vae-digits|gan-ring|ddpm-digits|mlp [--seed N] [--steps-scale X] | genlab-bench gemm [--rounds N]";
 
 fn main() -> ExitCode {
     match run() {
@@ -59,6 +60,7 @@ fn run() -> Result<String, String> {
     match workload.as_str() {
         "vae-digits" => vae_digits(seed, scale),
         "ddpm-digits" => ddpm_digits(seed, scale),
+        "gan-ring" => gan_ring(seed, scale),
         "mlp" => mlp(seed, scale),
         other => Err(format!("unknown workload `{other}`")),
     }
@@ -143,6 +145,41 @@ fn ddpm_digits(seed: u64, scale: f64) -> Result<String, String> {
         genlab::VERSION,
         genlab::mlp::threads_wanted(),
         steps as f64 / train_seconds,
+    ))
+}
+
+/// W2: the GAN on the 8-Gaussian ring (both networks 2 → 128 → 128 → 2 or 1, Adam 2e-4 with
+/// betas (0.5, 0.999), batch 256 real + 256 fake, 5,000 iterations of one D step and one G
+/// step, the non-saturating loss); metrics from 2,500 samples drawn after training.
+fn gan_ring(seed: u64, scale: f64) -> Result<String, String> {
+    use genlab::gan::{Gan, GanConfig, GanData};
+    let iterations = ((5000.0 * scale).round() as usize).max(1);
+    let config = GanConfig {
+        seed,
+        iterations,
+        ..GanConfig::default()
+    };
+    let mut gan = Gan::new(config, GanData::ring()).map_err(|e| e.to_string())?;
+    gan.verbose = false;
+    gan.metrics_every = 0;
+    let start = Instant::now();
+    gan.train(iterations).map_err(|e| e.to_string())?;
+    let train_seconds = start.elapsed().as_secs_f64();
+    let metrics = gan
+        .ring_metrics(2500, seed ^ 0x5a4d)
+        .map_err(|e| e.to_string())?;
+    let last = gan.history.last().ok_or("no iteration ran")?;
+    Ok(format!(
+        "{{\"workload\": \"gan-ring\", \"framework\": \"genlab {}\", \"threads\": {}, \"seed\": {seed}, \
+         \"steps\": {iterations}, \"train_seconds\": {train_seconds}, \"steps_per_second\": {}, \
+         \"high_quality\": {}, \"modes\": {}, \"final_d_loss\": {}, \"final_g_loss\": {}}}",
+        genlab::VERSION,
+        genlab::mlp::threads_wanted(),
+        iterations as f64 / train_seconds,
+        metrics.high_quality,
+        metrics.modes,
+        last.d_loss,
+        last.g_loss,
     ))
 }
 
