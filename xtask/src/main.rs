@@ -318,7 +318,9 @@ fn test(root: &Path) -> Result<()> {
             .current_dir(root),
     )?;
     println!("[test] cargo test: {:.1} s", start.elapsed().as_secs_f64());
-    // The build a learner on an ARM laptop gets: every x86-64 kernel compiled out.
+    // The build a learner on an ARM laptop gets: every x86-64 kernel compiled out. The same
+    // tests, less the three that train many full-size models (several minutes each on the
+    // portable kernel; the gradient checks against dfdx cover its arithmetic).
     let clock = Instant::now();
     status(
         Command::new("cargo")
@@ -330,6 +332,13 @@ fn test(root: &Path) -> Result<()> {
                 "portable",
                 "--lib",
                 "--tests",
+                "--",
+                "--skip",
+                "a_strong_discriminator_drops_modes_and_packing_recovers_them",
+                "--skip",
+                "ddim_in_50_steps_is_within_10_percent_of_ddpm",
+                "--skip",
+                "the_plain_gan_covers_the_ring_at_w2_settings",
             ])
             .current_dir(root),
     )?;
