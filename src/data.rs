@@ -208,6 +208,18 @@ pub struct Points {
     pub labels: Vec<usize>,
 }
 
+/// A component k drawn with probability weightₖ / total (total = Σ weights).
+pub(crate) fn pick_component(weights: &[f64], total: f64, rng: &mut impl Rng) -> usize {
+    let mut u = rng.gen::<f64>() * total;
+    for (j, w) in weights.iter().enumerate() {
+        if u < *w {
+            return j;
+        }
+        u -= w;
+    }
+    weights.len() - 1
+}
+
 /// Samples from the 1-D Gaussian mixture p(x) = Σₖ πₖ N(x | μₖ, σₖ²), with the component of each.
 pub fn gaussian_mixture_1d(
     n: usize,
@@ -240,15 +252,7 @@ pub fn gaussian_mixture_1d(
     let mut xs = Vec::with_capacity(n);
     let mut ks = Vec::with_capacity(n);
     for _ in 0..n {
-        let mut u = rng.gen::<f64>() * total;
-        let mut k = weights.len() - 1;
-        for (j, w) in weights.iter().enumerate() {
-            if u < *w {
-                k = j;
-                break;
-            }
-            u -= w;
-        }
+        let k = pick_component(weights, total, &mut rng);
         let eps: f64 = StandardNormal.sample(&mut rng);
         xs.push(means[k] + stds[k] * eps);
         ks.push(k);

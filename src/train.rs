@@ -296,6 +296,32 @@ pub fn move_counter_past(dev: &Dev, watermark: UniqueId) -> Result<()> {
     Ok(())
 }
 
+/// Saves `value` as a JSON checkpoint at `path`, whole or not at all ([`write_atomically`]).
+pub fn save_json<T: serde::Serialize>(path: &std::path::Path, value: &T) -> Result<()> {
+    let json = serde_json::to_string(value).map_err(|e| Error::Dfdx(e.to_string()))?;
+    write_atomically(path, json.as_bytes())
+}
+
+/// Reads a JSON checkpoint written by [`save_json`]: an error names the file and says it is not
+/// a `what` checkpoint of this genlab version (`saved_by` names the function that writes one).
+pub fn load_json<T: serde::de::DeserializeOwned>(
+    path: &std::path::Path,
+    what: &str,
+    saved_by: &str,
+) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::io(
+            path,
+            e,
+            format!("pass the path a checkpoint was saved to with {saved_by}"),
+        )
+    })?;
+    serde_json::from_str(&text).map_err(|e| Error::Data {
+        path: path.to_path_buf(),
+        message: format!("not a genlab {} {what} checkpoint ({e})", crate::VERSION),
+    })
+}
+
 /// Writes `bytes` to `path` whole or not at all: into a temporary file beside it, flushed to
 /// disk, then renamed over `path` (a rename within one folder is atomic), so an interrupt during
 /// a save leaves the previous file intact. Creates the folder if needed.

@@ -962,31 +962,18 @@ impl Ddpm {
             history: self.history.clone(),
             step_losses: self.step_losses.clone(),
         };
-        let json = serde_json::to_string(&checkpoint).map_err(|e| Error::Dfdx(e.to_string()))?;
-        crate::train::write_atomically(path.as_ref(), json.as_bytes())
+        crate::train::save_json(path.as_ref(), &checkpoint)
     }
 
     /// Loads a checkpoint written by [`Ddpm::save`] (checking its network against its config);
     /// train it further with [`Ddpm::train`].
     pub fn load(path: impl AsRef<Path>) -> Result<Ddpm> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::io(
-                path,
-                e,
-                "pass the path a checkpoint was saved to with Ddpm::save",
-            )
-        })?;
+        let c: Checkpoint = crate::train::load_json(path, "DDPM", "Ddpm::save")?;
         let bad = |message: String| Error::Data {
             path: path.to_path_buf(),
             message,
         };
-        let c: Checkpoint = serde_json::from_str(&text).map_err(|e| {
-            bad(format!(
-                "not a genlab {} DDPM checkpoint ({e})",
-                crate::VERSION
-            ))
-        })?;
         let mut ddpm = Ddpm::new(c.config, &c.data, c.dim)?;
         let state = &c.denoiser;
         let got: Vec<usize> = std::iter::once(state.layers.first().map_or(0, |l| l.inp))

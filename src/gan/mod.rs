@@ -376,15 +376,7 @@ impl GanData {
             } => {
                 let total: f64 = weights.iter().sum();
                 for x in out.iter_mut() {
-                    let mut u = rng.gen::<f64>() * total;
-                    let mut k = weights.len() - 1;
-                    for (j, w) in weights.iter().enumerate() {
-                        if u < *w {
-                            k = j;
-                            break;
-                        }
-                        u -= w;
-                    }
+                    let k = crate::data::pick_component(weights, total, rng);
                     let e: f64 = StandardNormal.sample(rng);
                     *x = (means[k] + stds[k] * e) as f32;
                 }

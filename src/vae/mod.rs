@@ -557,31 +557,18 @@ impl Vae {
             history: self.history.clone(),
             step_losses: self.step_losses.clone(),
         };
-        let json = serde_json::to_string(&checkpoint).map_err(|e| Error::Dfdx(e.to_string()))?;
-        crate::train::write_atomically(path.as_ref(), json.as_bytes())
+        crate::train::save_json(path.as_ref(), &checkpoint)
     }
 
     /// Loads a checkpoint written by [`Vae::save`] (checking that its networks match its
     /// config); train it further with [`Vae::train`].
     pub fn load(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            Error::io(
-                path,
-                e,
-                "pass the path a checkpoint was saved to with Vae::save",
-            )
-        })?;
+        let checkpoint: Checkpoint = crate::train::load_json(path, "VAE", "Vae::save")?;
         let bad = |message: String| Error::Data {
             path: path.to_path_buf(),
             message,
         };
-        let checkpoint: Checkpoint = serde_json::from_str(&text).map_err(|e| {
-            bad(format!(
-                "not a genlab {} VAE checkpoint ({e})",
-                crate::VERSION
-            ))
-        })?;
         let mut vae = Vae::new(checkpoint.config)?;
         for (name, state, widths) in [
             (
