@@ -812,11 +812,7 @@ impl Ddpm {
             }
             snapshot(&input, t - 1, &mut kept);
         }
-        let mut x: Vec<f32> = input
-            .chunks_exact(d + e)
-            .flat_map(|r| &r[..d])
-            .copied()
-            .collect();
+        let mut x = strip_embedding(&input, d, e);
         self.clip(&mut x);
         Ok((x, kept.into_iter().map(Option::unwrap_or_default).collect()))
     }
@@ -932,11 +928,7 @@ impl Ddpm {
                 }
             }
         }
-        let mut x: Vec<f32> = input
-            .chunks_exact(d + e)
-            .flat_map(|r| &r[..d])
-            .copied()
-            .collect();
+        let mut x = strip_embedding(&input, d, e);
         self.clip(&mut x);
         Ok(x)
     }
@@ -975,10 +967,7 @@ impl Ddpm {
             message,
         };
         let mut ddpm = Ddpm::new(c.config, &c.data, c.dim)?;
-        let state = &c.denoiser;
-        let got: Vec<usize> = std::iter::once(state.layers.first().map_or(0, |l| l.inp))
-            .chain(state.layers.iter().map(|l| l.out))
-            .collect();
+        let got = c.denoiser.widths();
         let want = ddpm.config.widths(ddpm.dim);
         if got != want {
             return Err(bad(format!(
@@ -1063,4 +1052,13 @@ fn check_rows(what: &str, values: &[f32], width: usize) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// The x part of rows [x (d values), emb(t) (e values)].
+fn strip_embedding(input: &[f32], d: usize, e: usize) -> Vec<f32> {
+    input
+        .chunks_exact(d + e)
+        .flat_map(|r| &r[..d])
+        .copied()
+        .collect()
 }

@@ -208,6 +208,15 @@ pub struct MlpState {
     pub steps: usize,
 }
 
+impl MlpState {
+    /// The widths input to output (`[64, 256, 256, 16]` for three layers).
+    pub fn widths(&self) -> Vec<usize> {
+        std::iter::once(self.layers.first().map_or(0, |l| l.inp))
+            .chain(self.layers.iter().map(|l| l.out))
+            .collect()
+    }
+}
+
 impl Mlp {
     /// A network through the given widths (`[64, 256, 256, 16]` is three layers), with
     /// `hidden` after every layer but the last (which has none), initialised like PyTorch's

@@ -582,9 +582,7 @@ impl Vae {
                 checkpoint.config.decoder_widths(),
             ),
         ] {
-            let got: Vec<usize> = std::iter::once(state.layers.first().map_or(0, |l| l.inp))
-                .chain(state.layers.iter().map(|l| l.out))
-                .collect();
+            let got = state.widths();
             if got != widths {
                 return Err(bad(format!(
                     "its {name} has widths {got:?}, but its config says {widths:?}"
