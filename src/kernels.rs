@@ -1239,8 +1239,20 @@ pub(crate) fn adam_update(
     )
 }
 
+/// `n` reproducible values in [−½, ½) from a multiplicative hash of (index, seed): operands for
+/// the kernels' tests and benchmarks, with no random generator.
+pub(crate) fn hashed_values(n: usize, seed: u32) -> Vec<f32> {
+    (0..n)
+        .map(|i| {
+            let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
+            (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::hashed_values as values;
     use super::*;
 
     fn naive(m: usize, n: usize, k: usize, a: &[f32], b: &[f32]) -> Vec<f32> {
@@ -1255,15 +1267,6 @@ mod tests {
             }
         }
         c
-    }
-
-    fn values(n: usize, seed: u32) -> Vec<f32> {
-        (0..n)
-            .map(|i| {
-                let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
-                (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-            })
-            .collect()
     }
 
     /// The kernels this machine runs; natively on an AVX-512 CPU, all three. Under Miri,

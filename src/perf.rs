@@ -56,14 +56,7 @@ const CASES: [(usize, usize, usize, Role); 13] = [
     (2048, 2048, 2048, Role::Plain),
 ];
 
-fn values(n: usize, seed: u32) -> Vec<f32> {
-    (0..n)
-        .map(|i| {
-            let h = (i as u32 ^ seed).wrapping_mul(2_654_435_761);
-            (h >> 8) as f32 / (1u32 << 24) as f32 - 0.5
-        })
-        .collect()
-}
+use crate::kernels::hashed_values as values;
 
 /// GFLOP/s of `f` (one m × k × n multiply per call): the median of `rounds` timings, each of
 /// enough calls to last ≥ 50 ms.
