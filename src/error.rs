@@ -57,6 +57,8 @@ pub enum Error {
     Plot(String),
     /// An error from dfdx (device, optimiser).
     Dfdx(String),
+    /// A chapter's demonstration no longer shows what its text claims (see [`check`]).
+    Check(String),
 }
 
 /// `Result` with [`Error`].
@@ -114,6 +116,7 @@ impl fmt::Display for Error {
             }
             Error::Plot(message) => write!(f, "plot: {message}"),
             Error::Dfdx(message) => write!(f, "dfdx: {message}"),
+            Error::Check(message) => write!(f, "check failed: {message}"),
         }
     }
 }
@@ -133,5 +136,18 @@ pub(crate) fn ensure(ok: bool, name: &str, value: impl fmt::Display, fix: &str) 
         Ok(())
     } else {
         Err(Error::param(name, value, fix))
+    }
+}
+
+/// A notebook's `assert!` that does not panic: `Ok(())` when `ok`, otherwise
+/// [`Error::Check`] with `what` (say the claim and the number, e.g.
+/// `format!("max |Δ| = {d:.2e} < 1e-6")`). A chapter's check cells end in
+/// `check(...)?;` so a run fails when a demonstration stops demonstrating, while the
+/// kernel (and every trained model in it) lives on.
+pub fn check(ok: bool, what: impl Into<String>) -> Result<()> {
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::Check(what.into()))
     }
 }
