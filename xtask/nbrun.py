@@ -15,6 +15,7 @@ The executed copy and every figure the notebook displayed go to `<export-root>/<
 import argparse
 import json
 import os
+import queue
 import re
 import shutil
 import sys
@@ -22,8 +23,10 @@ import time
 from pathlib import Path
 
 import nbformat
+from jupyter_core.utils import ensure_async, run_sync
 from nbclient import NotebookClient
-from nbclient.exceptions import CellExecutionError, CellTimeoutError, DeadKernelError
+from nbclient.exceptions import (CellExecutionComplete, CellExecutionError, CellTimeoutError,
+                                DeadKernelError)
 
 LET = re.compile(r"^\s*let\s+(mut\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*([^=]+?))?\s*=\s*(.+?);\s*(//.*)?$")
 INT_TYPES = {"usize", "u8", "u16", "u32", "u64", "isize", "i8", "i16", "i32", "i64"}
@@ -120,21 +123,190 @@ def inject(nb, overrides, path):
     return applied
 
 
-def error_text(cell):
-    """The error outputs of an executed cell, as plain text (empty when there are none)."""
+MARKER = "genlab_cell_ran"
+MARKER_LINE = re.compile(r"^genlab_cell_ran: \[\(\); (\d+)\]$", re.M)
+COMMAND_LINE = re.compile(r"^ *:|^!")
+RAISES = "raises-error"
+# How long a failed cell's error message may take to arrive after the cell's reply.
+ERROR_WAIT = 10.0
+
+
+def instrument(source, n):
+    """The code the kernel runs for a cell: `source` with `let genlab_cell_ran: [(); n] = [(); n];`
+    in front of its first line of Rust code (after any leading `:dep`-style commands, on the same
+    line, so compile errors keep their line numbers). None when the cell holds only commands.
+
+    evcxr keeps a variable defined in a cell only when the cell runs to its end: an `Err`
+    returned with `?`, a panic or a compile error drops it. `:vars` after the cell then says
+    whether it completed, whatever happened to its stderr."""
+    lines = source.split("\n")
+    last_command = max((i for i, line in enumerate(lines) if COMMAND_LINE.match(line)), default=-1)
+    rest = lines[last_command + 1:]
+    if not any(line.strip() and not line.lstrip().startswith("//") for line in rest):
+        return None
+    at = last_command + 1
+    lines[at] = f"let {MARKER}: [(); {n}] = [(); {n}]; " + lines[at]
+    return "\n".join(lines)
+
+
+def completed(vars_text, n):
+    """Whether evcxr's `:vars` listing shows the marker of run `n`."""
+    return any(int(m.group(1)) == n for m in MARKER_LINE.finditer(vars_text or ""))
+
+
+def error_text(cell, kinds=("error", "stderr")):
+    """The error outputs of an executed cell, as plain text (empty when there are none):
+    `error` messages (a compile error, a dead child process) and/or stderr."""
     parts = []
     for out in cell.get("outputs", []):
-        if out.output_type == "error":
+        if out.output_type == "error" and "error" in kinds:
             tb = "\n".join(out.get("traceback", [])) or f"{out.get('ename')}: {out.get('evalue')}"
             parts.append(ANSI.sub("", tb))
-        elif out.output_type == "stream" and out.get("name") == "stderr" and out.text.strip():
+        elif (out.output_type == "stream" and out.get("name") == "stderr" and out.text.strip()
+              and "stderr" in kinds):
             parts.append(ANSI.sub("", out.text))
     return "\n".join(parts).strip()
 
 
-def run_notebook(path, overrides, export_root, kernel, timeout):
+def stdout_text(cells):
+    """Everything the cells printed on stdout."""
+    return "".join(out.text for cell in cells for out in cell.get("outputs", [])
+                   if out.output_type == "stream" and out.get("name") == "stdout")
+
+
+def verdict(cell, ran_to_end):
+    """Why `cell` failed, or None when it passed.
+
+    `ran_to_end` is what the probe saw (None for a cell of commands only, which is not probed).
+    A cell fails on any error output, or when it stopped early even with no message. A cell
+    tagged `raises-error` must instead stop early with an error on stderr (an `Err` returned
+    with `?`, or a panic): running to its end, a compile error or a lost message fail it, and
+    so does a message without the text in its metadata `genlab.expect_error`, if given."""
+    error = error_text(cell)
+    if RAISES not in cell.get("metadata", {}).get("tags", []):
+        if ran_to_end is False and not error:
+            return ("the cell stopped before its end (an `Err` returned with `?`, or a panic) and its "
+                    f"error message never arrived (waited {ERROR_WAIT:.0f} s; evcxr sends stderr "
+                    "asynchronously)")
+        return error or None
+    kernel_error = error_text(cell, ("error",))
+    stderr = error_text(cell, ("stderr",))
+    expected = cell.get("metadata", {}).get("genlab", {}).get("expect_error")
+    if kernel_error:
+        return f"this cell is tagged `{RAISES}`, so it must run and return an error, but:\n{kernel_error}"
+    if ran_to_end:
+        return (f"this cell is tagged `{RAISES}` but ran to its end"
+                + (f"; it wrote to stderr, which is not an error return:\n{stderr}" if stderr else " without an error"))
+    if not stderr:
+        return (f"this cell is tagged `{RAISES}` and stopped early, but its error message never "
+                f"arrived (waited {ERROR_WAIT:.0f} s)")
+    if expected and expected not in stderr:
+        return f"this cell is tagged `{RAISES}`; its error should contain `{expected}` but reads:\n{stderr}"
+    return None
+
+
+class CellRunner:
+    """Runs cells through nbclient and decides, independently of stderr, whether each one ran
+    to its end (see `instrument`). Late output that arrives after a cell's idle status (evcxr
+    sends stderr from another thread, so the idle status can overtake it) is read back into
+    the cell while the probe runs, and for up to ERROR_WAIT seconds when a cell failed."""
+
+    def __init__(self, client):
+        self.client = client
+        self.runs = 0
+        self.last_msg_id = None
+        execute = client.kc.execute
+
+        def recording_execute(*args, **kwargs):
+            self.last_msg_id = execute(*args, **kwargs)
+            return self.last_msg_id
+
+        client.kc.execute = recording_execute
+
+    def run(self, cell, index):
+        """Executes `cell`; returns a dict with `ran_to_end` (None when not probed) and
+        `error_at_idle` (whether its error output was there when nbclient returned)."""
+        self.runs += 1
+        n = self.runs
+        code = instrument(cell.source, n)
+        original = cell.source
+        if code is not None:
+            cell.source = code
+        try:
+            self.client.execute_cell(cell, index)
+        finally:
+            cell.source = original
+        cell_msg = self.last_msg_id
+        error_at_idle = bool(error_text(cell))
+        ran_to_end = None
+        if code is not None:
+            ran_to_end = run_sync(self._probe)(cell, index, cell_msg, n)
+        return {"ran_to_end": ran_to_end, "error_at_idle": error_at_idle}
+
+    async def _read(self, cell, index, parents, until, stop):
+        """Reads iopub messages until `stop(msg)` or the deadline; late output of this cell
+        (a parent in `parents`) goes into it. Returns the stopping message, or None."""
+        kc = self.client.kc
+        while True:
+            left = until - time.monotonic()
+            if left <= 0:
+                return None
+            try:
+                msg = await ensure_async(kc.iopub_channel.get_msg(timeout=left))
+            except queue.Empty:
+                return None
+            if msg["parent_header"].get("msg_id") not in parents:
+                continue
+            if msg["msg_type"] in ("stream", "error", "display_data"):
+                try:
+                    self.client.process_message(msg, cell, index)
+                except CellExecutionComplete:
+                    pass
+            if stop(msg):
+                return msg
+
+    async def _probe(self, cell, index, cell_msg, n):
+        kc = self.client.kc
+        probe_msg = kc.execute(":vars", store_history=False)
+        parents = {cell_msg, probe_msg}
+        listing = []
+
+        def probe_idle(msg):
+            if msg["parent_header"].get("msg_id") != probe_msg:
+                return False
+            if msg["msg_type"] == "execute_result":
+                listing.append(msg["content"].get("data", {}).get("text/plain", ""))
+            return msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle"
+
+        deadline = time.monotonic() + max(60, self.client.timeout or 0)
+        if await self._read(cell, index, parents, deadline, probe_idle) is None:
+            raise CellTimeoutError(f"the kernel did not answer `:vars` after cell {index}")
+        try:
+            await ensure_async(kc.shell_channel.get_msg(timeout=5))  # the probe's reply
+        except queue.Empty:
+            pass
+        ran_to_end = completed("\n".join(listing), n)
+        if not ran_to_end and not error_text(cell):
+            # Stopped early: wait for its message, then a short quiet period for the rest.
+            got = await self._read(cell, index, parents, time.monotonic() + ERROR_WAIT,
+                                   lambda m: m["msg_type"] == "stream" and m["content"].get("name") == "stderr")
+            if got is not None:
+                await self._read(cell, index, parents, time.monotonic() + 0.3, lambda m: False)
+        return ran_to_end
+
+    def drain(self, cell, index, seconds):
+        """Reads late output of the last cell for `seconds`."""
+        parents = {self.last_msg_id}
+        run_sync(self._read)(cell, index, parents, time.monotonic() + seconds, lambda m: False)
+
+
+def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False):
+    """Executes one notebook; returns (passed, wall seconds, per-cell records).
+
+    Stops at the first failing cell, unless `keep_going` (the failure check uses it)."""
     nb = nbformat.read(path, as_version=4)
     applied = inject(nb, overrides, path)
+    required = nb.metadata.get("genlab", {}).get("require_stdout")
     out_dir = export_root / path.stem
     if out_dir.exists():
         shutil.rmtree(out_dir)
@@ -146,42 +318,67 @@ def run_notebook(path, overrides, export_root, kernel, timeout):
 
     client = NotebookClient(nb, kernel_name=kernel, timeout=timeout, startup_timeout=120,
                             allow_errors=True, resources={"metadata": {"path": str(path.parent.resolve())}})
-    timings, failure = [], None
+    records, failures = [], []
     start = time.perf_counter()
     try:
         with client.setup_kernel():
+            runner = CellRunner(client)
+            last = None
             for index, cell in enumerate(nb.cells):
                 if cell.cell_type != "code":
                     continue
+                expects_error = RAISES in cell.get("metadata", {}).get("tags", [])
                 t0 = time.perf_counter()
+                crashed = None
                 try:
-                    client.execute_cell(cell, index)
+                    probe = runner.run(cell, index)
                 except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-                    failure = (index, cell.source, ANSI.sub("", str(e)))
+                    crashed = ANSI.sub("", str(e)) or type(e).__name__
+                    probe = {"ran_to_end": False, "error_at_idle": True}
                 seconds = time.perf_counter() - t0
+                last = (cell, index)
                 first = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
-                timings.append({"cell": index, "seconds": round(seconds, 3), "first_line": first})
-                print(f"   cell {index:>3}  {seconds:7.2f} s  {first}", flush=True)
                 text = error_text(cell)
-                if failure is None and text:
-                    failure = (index, cell.source, text)
-                if failure:
-                    break
+                why = crashed or verdict(cell, probe["ran_to_end"])
+                mark = "raised as expected" if expects_error and not why else ""
+                records.append({"cell": index, "seconds": round(seconds, 3), "first_line": first,
+                                "ran_to_end": probe["ran_to_end"], "error_at_idle": probe["error_at_idle"],
+                                "expects_error": expects_error, "failed": bool(why)})
+                print(f"   cell {index:>3}  {seconds:7.2f} s  {first}" + (f"  [{mark}]" if mark else ""),
+                      flush=True)
+                if why:
+                    failures.append((index, cell.source, why if why == text else f"{why}\n{text}".strip()))
+                    if not keep_going or crashed:
+                        break
+            if not failures and last is not None:
+                runner.drain(*last, seconds=0.3)
     except (DeadKernelError, RuntimeError) as e:
-        failure = failure or (None, "", f"the kernel failed: {e}")
+        failures.append((None, "", f"the kernel failed: {e}"))
     wall = time.perf_counter() - start
+    if not failures and required and required not in stdout_text(nb.cells):
+        failures.append((None, "", f"the notebook never printed its pass line `{required}` "
+                                   "(metadata genlab.require_stdout) on stdout"))
+    for number, cell in enumerate((c for c in nb.cells if c.cell_type == "code"), 1):
+        if cell.get("execution_count") is not None:
+            cell.execution_count = number  # the probes took every other number
+            for out in cell.get("outputs", []):
+                if "execution_count" in out:
+                    out.execution_count = number
     nbformat.write(nb, out_dir / path.name)
     (out_dir / "timings.json").write_text(json.dumps(
-        {"notebook": path.name, "wall_seconds": round(wall, 2), "parameters": applied, "cells": timings},
+        {"notebook": path.name, "wall_seconds": round(wall, 2), "parameters": applied, "cells": records},
         indent=1))
     figures = sorted(p.name for p in out_dir.iterdir() if p.suffix in (".png", ".svg"))
-    if failure:
-        index, source, text = failure
-        print(f"FAILED {path.name} after {wall:.1f} s, in cell {index}:", file=sys.stderr)
-        print("---- cell source ----\n" + source + "\n---- error ----\n" + text, file=sys.stderr)
-        return False, wall
+    if failures:
+        for index, source, text in failures[:1] if not keep_going else failures:
+            where = f"in cell {index}" if index is not None else "at the end"
+            print(f"FAILED {path.name} after {wall:.1f} s, {where}:", file=sys.stderr)
+            if source:
+                print("---- cell source ----\n" + source, file=sys.stderr)
+            print("---- error ----\n" + text, file=sys.stderr)
+        return False, wall, records
     print(f"ok     {path.name}: {wall:.1f} s, {len(figures)} figure files in {out_dir}", flush=True)
-    return True, wall
+    return True, wall, records
 
 
 def main():
@@ -224,7 +421,7 @@ def main():
 
     passed = failed = 0
     for path, overrides in plans:
-        ok, _ = run_notebook(path, overrides, args.export_root, args.kernel, args.timeout)
+        ok, _, _ = run_notebook(path, overrides, args.export_root, args.kernel, args.timeout)
         passed, failed = passed + ok, failed + (not ok)
     print(f"notebooks: {passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
