@@ -8,8 +8,15 @@ from its metadata `genlab.smoke_parameters`, then `--param NAME=VALUE`) are chec
 those bindings before any cell runs, and go into a new cell tagged `injected-parameters`
 right after it, which re-binds them.
 
-A notebook fails on any error output: an `error` message (a compile error) or anything on
-stderr (evcxr reports a panic, or an `Err` returned with `?`, on stderr with an "ok" reply).
+A notebook fails on any error output (an `error` message, i.e. a compile error, or anything
+on stderr) and on any cell that did not run to its end. evcxr reports a panic or an `Err`
+returned with `?` only on stderr, with an "ok" reply, and sends stderr from another thread, so
+the cell's idle status can come first and the message late or never; the runner therefore
+does not rely on it: each cell's code runs with `let genlab_cell_ran: [(); N] = [(); N];` in
+front of its first line, which evcxr keeps only if the cell completes, and `:vars` after the
+cell says whether it did (see `instrument`). A cell tagged `raises-error` must instead stop
+with an error message (containing its metadata `genlab.expect_error`, if given), and a
+notebook whose metadata names `genlab.require_stdout` must print that line.
 The executed copy and every figure the notebook displayed go to `<export-root>/<notebook>/`.
 """
 import argparse
@@ -238,10 +245,11 @@ class CellRunner:
             cell.source = original
         cell_msg = self.last_msg_id
         error_at_idle = bool(error_text(cell))
-        ran_to_end = None
+        ran_to_end, t0 = None, time.perf_counter()
         if code is not None:
             ran_to_end = run_sync(self._probe)(cell, index, cell_msg, n)
-        return {"ran_to_end": ran_to_end, "error_at_idle": error_at_idle}
+        return {"ran_to_end": ran_to_end, "error_at_idle": error_at_idle,
+                "probe_seconds": round(time.perf_counter() - t0, 3)}
 
     async def _read(self, cell, index, parents, until, stop):
         """Reads iopub messages until `stop(msg)` or the deadline; late output of this cell
@@ -334,7 +342,7 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
                     probe = runner.run(cell, index)
                 except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
                     crashed = ANSI.sub("", str(e)) or type(e).__name__
-                    probe = {"ran_to_end": False, "error_at_idle": True}
+                    probe = {"ran_to_end": False, "error_at_idle": True, "probe_seconds": 0.0}
                 seconds = time.perf_counter() - t0
                 last = (cell, index)
                 first = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
@@ -343,6 +351,7 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
                 mark = "raised as expected" if expects_error and not why else ""
                 records.append({"cell": index, "seconds": round(seconds, 3), "first_line": first,
                                 "ran_to_end": probe["ran_to_end"], "error_at_idle": probe["error_at_idle"],
+                                "probe_seconds": probe["probe_seconds"],
                                 "expects_error": expects_error, "failed": bool(why)})
                 print(f"   cell {index:>3}  {seconds:7.2f} s  {first}" + (f"  [{mark}]" if mark else ""),
                       flush=True)
