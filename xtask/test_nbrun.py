@@ -1,5 +1,7 @@
 """Unit tests of the notebook runner: parameter handling, and how it decides that a cell failed
 (run by `cargo xtask test`)."""
+import queue
+import re
 import sys
 import unittest
 from pathlib import Path
@@ -7,7 +9,8 @@ from pathlib import Path
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nbrun import (RAISES, ParamError, completed, declared_parameters, inject, instrument,  # noqa: E402
+import nbrun  # noqa: E402
+from nbrun import (RAISES, CellRunner, ParamError, completed, declared_parameters, inject, instrument,  # noqa: E402
                    rust_literal, stdout_text, verdict)
 
 CELL = """// comment
@@ -150,6 +153,110 @@ class Verdict(unittest.TestCase):
     def test_stdout_text(self):
         cells = [executed("a", ("stdout", "one\n"), ("stderr", "x\n")), executed("b", ("stdout", "two\n"))]
         self.assertEqual(stdout_text(cells), "one\ntwo\n")
+
+
+class FakeEvcxr:
+    """A kernel client that behaves like evcxr 0.22 as the runner sees it: a cell whose code
+    contains `fails` stops early (its marker variable is not kept) and its stderr line comes
+    after its idle status, or never when the code contains `silently`; `:vars` lists the
+    markers of the cells that ran to their end."""
+
+    def __init__(self):
+        self.sent, self.iopub, self.shell, self.vars = 0, [], [], {}
+        self.iopub_channel, self.shell_channel = self.Channel(self.iopub), self.Channel(self.shell)
+
+    class Channel:
+        def __init__(self, messages):
+            self.messages = messages
+
+        async def get_msg(self, timeout=None):
+            if not self.messages:
+                raise queue.Empty
+            return self.messages.pop(0)
+
+    def msg(self, parent, kind, **content):
+        return {"parent_header": {"msg_id": parent}, "msg_type": kind, "header": {"msg_type": kind},
+                "content": content}
+
+    def execute(self, code, **kwargs):
+        self.sent += 1
+        mid = f"request-{self.sent}"
+        idle = self.msg(mid, "status", execution_state="idle")
+        if code == ":vars":
+            listing = "".join(f"{k}: {v}\n" for k, v in self.vars.items())
+            self.iopub += [self.msg(mid, "execute_result", data={"text/plain": listing}, metadata={},
+                                    execution_count=self.sent), idle]
+        else:
+            m = re.match(r"let (genlab_cell_ran): (\[\(\); \d+\])", code)
+            if "fails" in code:
+                self.vars.pop("genlab_cell_ran", None)
+                # The stream stamped with the previous request, as evcxr does: a late line.
+                self.iopub.append(self.msg("request-0", "stream", name="stderr", text="another cell's line\n"))
+                self.iopub.append(idle)
+                if "silently" not in code:
+                    self.iopub.append(self.msg(mid, "stream", name="stderr", text="boom\n"))
+            else:
+                if m:
+                    self.vars[m.group(1)] = m.group(2)
+                self.iopub += [self.msg(mid, "stream", name="stdout", text="fine\n"), idle]
+        self.shell.append(self.msg(mid, "execute_reply", status="ok"))
+        return mid
+
+
+class FakeClient:
+    """Just enough of nbclient's NotebookClient: execute_cell reads the cell's messages up to its
+    idle status and drops the rest, as nbclient does."""
+    timeout = 5
+
+    def __init__(self):
+        self.kc = FakeEvcxr()
+
+    def process_message(self, msg, cell, index):
+        cell.outputs.append(nbformat.v4.output_from_msg(msg))
+
+    def execute_cell(self, cell, index):
+        mid = self.kc.execute(cell.source)
+        while True:
+            msg = self.kc.iopub.pop(0)
+            if msg["parent_header"]["msg_id"] != mid:
+                continue
+            if msg["msg_type"] == "status":
+                break
+            self.process_message(msg, cell, index)
+        self.kc.shell.pop(0)
+
+
+class Probe(unittest.TestCase):
+    def setUp(self):
+        self.wait, nbrun.ERROR_WAIT = nbrun.ERROR_WAIT, 0.2
+
+    def tearDown(self):
+        nbrun.ERROR_WAIT = self.wait
+
+    def test_a_cell_that_runs_to_its_end(self):
+        runner, cell = CellRunner(FakeClient()), executed("let a = 1;")
+        probe = runner.run(cell, 0)
+        self.assertEqual((probe["ran_to_end"], probe["error_at_idle"]), (True, False))
+        self.assertEqual(cell.source, "let a = 1;")  # the notebook keeps the learner's code
+        self.assertIsNone(verdict(cell, probe["ran_to_end"]))
+
+    def test_a_late_message_is_read_back_into_its_cell(self):
+        runner, cell = CellRunner(FakeClient()), executed("x.fails()?;")
+        probe = runner.run(cell, 0)
+        self.assertEqual((probe["ran_to_end"], probe["error_at_idle"]), (False, False))
+        self.assertEqual(verdict(cell, probe["ran_to_end"]), "boom")  # not another cell's line
+
+    def test_a_lost_message_still_fails_the_cell(self):
+        runner, cell = CellRunner(FakeClient()), executed("x.fails()?; // silently")
+        probe = runner.run(cell, 0)
+        self.assertFalse(probe["ran_to_end"])
+        self.assertRegex(verdict(cell, probe["ran_to_end"]), "stopped before its end")
+
+    def test_an_earlier_cells_marker_does_not_pass_a_later_cell(self):
+        runner = CellRunner(FakeClient())
+        self.assertTrue(runner.run(executed("let a = 1;"), 0)["ran_to_end"])
+        self.assertFalse(runner.run(executed("x.fails()?;"), 1)["ran_to_end"])
+        self.assertTrue(runner.run(executed("let b = 2;"), 2)["ran_to_end"])
 
 
 if __name__ == "__main__":
