@@ -168,11 +168,10 @@ def error_text(cell, kinds=("error", "stderr")):
     for out in cell.get("outputs", []):
         if out.output_type == "error" and "error" in kinds:
             tb = "\n".join(out.get("traceback", [])) or f"{out.get('ename')}: {out.get('evalue')}"
-            parts.append(ANSI.sub("", tb))
-        elif (out.output_type == "stream" and out.get("name") == "stderr" and out.text.strip()
-              and "stderr" in kinds):
-            parts.append(ANSI.sub("", out.text))
-    return "\n".join(parts).strip()
+            parts.append(ANSI.sub("", tb) + "\n")
+        elif out.output_type == "stream" and out.get("name") == "stderr" and "stderr" in kinds:
+            parts.append(ANSI.sub("", out.text))  # evcxr sends a stream message per line
+    return "".join(parts).strip()
 
 
 def stdout_text(cells):
