@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = os.environ.get("GENLAB_CHROMIUM", "/usr/bin/chromium")
 
 
-def failing_notebook(cells, prelude):
+def failing_notebook(cells, prelude, kernel):
     nb = nbformat.v4.new_notebook()
     nb.cells.append(nbformat.v4.new_code_cell(prelude or "let survivor: u64 = 42;"))
     for k in range(cells):
@@ -42,7 +42,7 @@ def failing_notebook(cells, prelude):
         else:
             source = f'panic!("lab cell {k}: a panic");'
         nb.cells.append(nbformat.v4.new_code_cell(source))
-    nb.metadata["kernelspec"] = {"display_name": "Rust (genlab)", "language": "rust", "name": "genlab-rust"}
+    nb.metadata["kernelspec"] = {"display_name": kernel, "language": "rust", "name": kernel}
     return nb
 
 
@@ -112,11 +112,12 @@ def main():
     p.add_argument("--settle", type=float, default=3.0, help="seconds to wait before reading outputs")
     p.add_argument("--prelude", default="", help="code of the first cell (e.g. a genlab setup cell)")
     p.add_argument("--json", type=Path, help="write the per-cell results here")
+    p.add_argument("--kernel", default="genlab-rust", help="kernel name (e.g. a patched evcxr to compare)")
     args = p.parse_args()
 
     work = ROOT / "target/lab-errors"
     work.mkdir(parents=True, exist_ok=True)
-    nbformat.write(failing_notebook(args.cells, args.prelude), work / "failing.ipynb")
+    nbformat.write(failing_notebook(args.cells, args.prelude, args.kernel), work / "failing.ipynb")
     port, token = free_port(), secrets.token_hex(16)
     settings = work / "settings"
     settings.mkdir(exist_ok=True)

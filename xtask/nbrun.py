@@ -221,6 +221,7 @@ class CellRunner:
         self.client = client
         self.runs = 0
         self.last_msg_id = None
+        self.last_parents = set()  # the requests whose output belongs to the last cell
         execute = client.kc.execute
 
         def recording_execute(*args, **kwargs):
@@ -243,6 +244,7 @@ class CellRunner:
         finally:
             cell.source = original
         cell_msg = self.last_msg_id
+        self.last_parents = {cell_msg}
         error_at_idle = bool(error_text(cell))
         ran_to_end, t0 = None, time.perf_counter()
         if code is not None:
@@ -276,6 +278,7 @@ class CellRunner:
         kc = self.client.kc
         probe_msg = kc.execute(":vars", store_history=False)
         parents = {cell_msg, probe_msg}
+        self.last_parents = parents
         listing = []
 
         def probe_idle(msg):
@@ -303,8 +306,7 @@ class CellRunner:
 
     def drain(self, cell, index, seconds):
         """Reads late output of the last cell for `seconds`."""
-        parents = {self.last_msg_id}
-        run_sync(self._read)(cell, index, parents, time.monotonic() + seconds, lambda m: False)
+        run_sync(self._read)(cell, index, self.last_parents, time.monotonic() + seconds, lambda m: False)
 
 
 def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False):
