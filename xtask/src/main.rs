@@ -4,8 +4,12 @@
 //! - `lab`: setup, then JupyterLab on `notebooks/`.
 //! - `run [NOTEBOOK...] [--param NAME=VALUE ...]`: setup, then executes notebooks headless;
 //!   executed copies and figures go to `exports/<notebook>/`.
+//! - `export [NOTEBOOK...] [--param NAME=VALUE ...] [--fresh]`: setup, then runs the chapters
+//!   whose executed copies are out of date and writes them as MkDocs pages with their figures
+//!   into `exports/notes/` (`xtask/export_notes.py`).
 //! - `test`: setup, `cargo test`, then every notebook (and `tests/notebooks/`) with its smoke
-//!   parameters; fails on any error output.
+//!   parameters; fails on any error output. Then the exported chapters built with
+//!   `mkdocs build --strict`, and 01_bayes run in JupyterLab in headless Chromium.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -28,6 +32,7 @@ fn main() -> ExitCode {
         Some("setup") => setup(&root),
         Some("lab") => setup(&root).and_then(|_| lab(&root)),
         Some("run") => setup(&root).and_then(|_| run(&root, &args[1..])),
+        Some("export") => setup(&root).and_then(|_| export(&root, &args[1..])),
         Some("test") => setup(&root).and_then(|_| test(&root)),
         Some("bench") => bench(&root, &args[1..]),
         _ => {
@@ -48,6 +53,9 @@ const USAGE: &str = "usage: cargo xtask <command>
   setup                                   install the kernel, Jupyter (in .venv) and fonts
   lab                                     setup, then JupyterLab on notebooks/
   run [NOTEBOOK...] [--param NAME=VALUE]  execute notebooks (all by default) into exports/
+  export [NOTEBOOK...] [--param NAME=VALUE] [--fresh]
+                                          chapters as MkDocs pages with their figures in
+                                          exports/notes/ (runs those not run since a change)
   test                                    cargo test (also the portable build, and Miri on the
                                           engine), then every notebook with smoke parameters
   bench --reference DIR [--workloads W,..] [--rounds N] [--steps-scale X] [--install]
@@ -286,12 +294,20 @@ fn nbrun(root: &Path, notebooks: &[PathBuf], extra: &[String]) -> Result<()> {
     }
 }
 
-fn run(root: &Path, args: &[String]) -> Result<()> {
+/// The notebooks and the runner's options (`--param`, and the flags in `flags`) of a `run` or
+/// `export` command line; every notebook when none is named.
+fn notebook_args(
+    root: &Path,
+    args: &[String],
+    flags: &[&str],
+) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let mut notebooks = vec![];
-    let mut extra = vec!["--export-root".to_string(), "exports".to_string()];
+    let mut extra = vec![];
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        if arg == "--param" || arg == "-p" {
+        if flags.contains(&arg.as_str()) {
+            extra.push(arg.clone());
+        } else if arg == "--param" || arg == "-p" {
             let value = it
                 .next()
                 .ok_or("--param needs NAME=VALUE, e.g. --param flips=50")?;
@@ -307,7 +323,36 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
     if notebooks.is_empty() {
         notebooks = notebooks_in(&root.join("notebooks"));
     }
+    Ok((notebooks, extra))
+}
+
+fn run(root: &Path, args: &[String]) -> Result<()> {
+    let (notebooks, mut extra) = notebook_args(root, args, &[])?;
+    extra.extend(["--export-root".to_string(), "exports".to_string()]);
     nbrun(root, &notebooks, &extra)
+}
+
+/// `export`: the chapters as MkDocs pages in `exports/notes/` (see `xtask/export_notes.py`).
+fn export(root: &Path, args: &[String]) -> Result<()> {
+    let (notebooks, extra) = notebook_args(root, args, &["--fresh"])?;
+    export_notes(root, &notebooks, &extra)
+}
+
+/// Runs `xtask/export_notes.py` with `extra` options on `notebooks`.
+fn export_notes(root: &Path, notebooks: &[PathBuf], extra: &[String]) -> Result<()> {
+    let code = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("xtask/export_notes.py"))
+        .args(["--kernel", KERNEL])
+        .args(extra)
+        .args(notebooks)
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("could not start the notes exporter: {e}"))?;
+    match code.code() {
+        Some(0) => Ok(()),
+        Some(2) => Err("no cell was run: fix the parameter named above".into()),
+        _ => Err("the export failed (the reason is printed above)".into()),
+    }
 }
 
 fn test(root: &Path) -> Result<()> {
