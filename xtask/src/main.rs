@@ -1,6 +1,7 @@
 //! `cargo xtask <command>`: the one entry point for everything a genlab user does.
 //!
-//! - `setup`: installs what the notebooks need (idempotent; fast when done).
+//! - `setup`: installs what the notebooks need, and Chromium for the browser test (idempotent;
+//!   fast when done).
 //! - `lab`: setup, then JupyterLab on `notebooks/`.
 //! - `run [NOTEBOOK...] [--param NAME=VALUE ...]`: setup, then executes notebooks headless;
 //!   executed copies and figures go to `exports/<notebook>/`.
@@ -29,7 +30,7 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = project_root();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup(&root),
+        Some("setup") => setup(&root).and_then(|_| setup_browser().map(|_| ())),
         Some("lab") => setup(&root).and_then(|_| lab(&root)),
         Some("run") => setup(&root).and_then(|_| run(&root, &args[1..])),
         Some("export") => setup(&root).and_then(|_| export(&root, &args[1..])),
@@ -51,7 +52,8 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask <command>
-  setup                                   install the kernel, Jupyter (in .venv) and fonts
+  setup                                   install the kernel, Jupyter (in .venv), fonts and
+                                          Chromium (for the browser test)
   lab                                     setup, then JupyterLab on notebooks/
   run [NOTEBOOK...] [--param NAME=VALUE]  execute notebooks (all by default) into exports/
   export [NOTEBOOK...] [--param NAME=VALUE] [--fresh]
