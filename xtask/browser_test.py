@@ -76,14 +76,33 @@ def errors_shown(page):
 
 
 def menu(page, top, item):
+    """Clicks menu `top`, then its entry `item` once it is shown and enabled."""
     page.locator(".lm-MenuBar-itemLabel", has_text=re.compile(f"^{re.escape(top)}$")).click()
-    page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{re.escape(item)}$")).click()
+    label = page.locator(".lm-Menu-itemLabel", has_text=re.compile(f"^{re.escape(item)}$"))
+    entry = page.locator(".lm-Menu-item", has=label)
+    entry.wait_for(state="visible", timeout=10_000)
+    page.wait_for_function(
+        "el => !el.classList.contains('lm-mod-disabled')", arg=entry.element_handle(), timeout=10_000)
+    entry.click()
+
+
+def started(page, after):
+    return any("*" in p for p in prompts(page)) or any(c is not None and c > after for c in counts(page))
 
 
 def run_all(page, after, timeout):
     """Run > Run All Cells, then waits until every code cell shows an execution count above
     `after` (so a re-run is not mistaken for the previous one). Fails fast on error output."""
-    menu(page, "Run", "Run All Cells")
+    # The notebook must be the current widget for the Run menu to act on it.
+    page.locator(".jp-NotebookPanel .jp-Cell .jp-InputPrompt").first.click()
+    for attempt in range(3):
+        menu(page, "Run", "Run All Cells")
+        begun = time.monotonic()
+        while not started(page, after) and time.monotonic() - begun < 10:
+            time.sleep(0.25)
+        if started(page, after):
+            break
+        print(f"   Run All Cells started nothing (attempt {attempt + 1}); trying again", flush=True)
     deadline, stalled_since = time.monotonic() + timeout, None
     while True:
         shown = errors_shown(page)
