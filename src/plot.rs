@@ -203,6 +203,7 @@ struct ImageGrid {
 #[derive(Clone)]
 pub struct Figure {
     title: String,
+    name: Option<String>,
     x_label: String,
     y_label: String,
     size: (u32, u32),
@@ -258,6 +259,7 @@ impl Figure {
     pub fn new(title: impl Into<String>) -> Self {
         Figure {
             title: title.into(),
+            name: None,
             x_label: String::new(),
             y_label: String::new(),
             size: (800, 500),
@@ -267,6 +269,14 @@ impl Figure {
             images: None,
             legend: Corner::UpperRight,
         }
+    }
+
+    /// Names the figure's files in the exported notes (`cargo xtask export` writes
+    /// `NAME.png` and `NAME.svg`); without a name they are named from the title. Give one when
+    /// two figures of a chapter share a title, or to keep a link while the title changes.
+    pub fn name(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
     }
 
     /// Moves the legend to another corner (when it hides the data).
@@ -582,19 +592,29 @@ impl Figure {
 
     /// evcxr's display hook: the figure as inline SVG (or the error, as text).
     pub fn evcxr_display(&self) {
-        self.auto_export();
+        let files = self.auto_export();
         match self.to_svg() {
-            Ok(svg) => println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{svg}\nEVCXR_END_CONTENT"),
+            Ok(svg) => {
+                self.display_record(files);
+                println!("EVCXR_BEGIN_CONTENT image/svg+xml\n{svg}\nEVCXR_END_CONTENT");
+            }
             Err(e) => display_error(&e),
         }
     }
 
+    /// Sends, next to the image in the same output, what the notes exporter needs to name the
+    /// figure's files stably: its title, its name and the stem of its auto-exported files.
+    /// Jupyter front ends show the image and skip this MIME type.
+    fn display_record(&self, files: Option<String>) {
+        let record = serde_json::json!({ "title": self.title, "name": self.name, "files": files });
+        println!("EVCXR_BEGIN_CONTENT {FIGURE_MIME}\n{record}\nEVCXR_END_CONTENT");
+    }
+
     /// When the notebook runner sets `GENLAB_AUTO_EXPORT`, every displayed figure is also
     /// saved as `NN-title.png` and `.svg` into the export folder, numbered in display order.
-    fn auto_export(&self) {
-        if std::env::var_os("GENLAB_AUTO_EXPORT").is_none() {
-            return;
-        }
+    /// Returns the file stem when both files were written.
+    fn auto_export(&self) -> Option<String> {
+        std::env::var_os("GENLAB_AUTO_EXPORT")?;
         // Numbered by the files already there, not a counter: evcxr gives every cell its own
         // copy of this crate's statics.
         let dir = export_dir();
@@ -610,11 +630,14 @@ impl Figure {
             stem = "figure".into();
         }
         let stem = format!("{:02}-{stem}", count + 1);
+        let mut saved = true;
         for ext in ["svg", "png"] {
             if let Err(e) = self.save(dir.join(format!("{stem}.{ext}"))) {
                 eprintln!("genlab: could not export {stem}.{ext}: {e}");
+                saved = false;
             }
         }
+        saved.then_some(stem)
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
@@ -982,10 +1005,11 @@ impl Figure {
 impl Png {
     /// evcxr's display hook: the figure as an inline PNG.
     pub fn evcxr_display(&self) {
-        self.0.auto_export();
+        let files = self.0.auto_export();
         match self.0.to_png() {
             Ok(bytes) => {
                 use base64::Engine;
+                self.0.display_record(files);
                 let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
                 println!("EVCXR_BEGIN_CONTENT image/png\n{b64}\nEVCXR_END_CONTENT");
             }
@@ -1000,6 +1024,10 @@ fn display_error(e: &Error) {
     eprintln!("genlab: the figure could not be drawn: {e}");
     println!("EVCXR_BEGIN_CONTENT text/plain\nfigure not drawn: {e}\nEVCXR_END_CONTENT");
 }
+
+/// The MIME type of the record each displayed figure carries next to its image (title, name,
+/// auto-exported file stem), read by `cargo xtask export` to name the figure's files.
+pub const FIGURE_MIME: &str = "application/vnd.genlab.figure+json";
 
 /// Where [`Figure::export`] writes: `$GENLAB_EXPORT_DIR` when set (the notebook runner sets it
 /// to `exports/<notebook>/`), else `exports/` under the current folder.

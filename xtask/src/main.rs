@@ -1,11 +1,16 @@
 //! `cargo xtask <command>`: the one entry point for everything a genlab user does.
 //!
-//! - `setup`: installs what the notebooks need (idempotent; fast when done).
+//! - `setup`: installs what the notebooks need, and Chromium for the browser test (idempotent;
+//!   fast when done).
 //! - `lab`: setup, then JupyterLab on `notebooks/`.
 //! - `run [NOTEBOOK...] [--param NAME=VALUE ...]`: setup, then executes notebooks headless;
 //!   executed copies and figures go to `exports/<notebook>/`.
+//! - `export [NOTEBOOK...] [--param NAME=VALUE ...] [--fresh]`: setup, then runs the chapters
+//!   whose executed copies are out of date and writes them as MkDocs pages with their figures
+//!   into `exports/notes/` (`xtask/export_notes.py`).
 //! - `test`: setup, `cargo test`, then every notebook (and `tests/notebooks/`) with its smoke
-//!   parameters; fails on any error output.
+//!   parameters; fails on any error output. Then the exported chapters built with
+//!   `mkdocs build --strict`, and 01_bayes run in JupyterLab in headless Chromium.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
@@ -25,10 +30,12 @@ fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let root = project_root();
     let result = match args.first().map(String::as_str) {
-        Some("setup") => setup(&root),
+        Some("setup") => setup(&root).and_then(|_| setup_browser().map(|_| ())),
         Some("lab") => setup(&root).and_then(|_| lab(&root)),
         Some("run") => setup(&root).and_then(|_| run(&root, &args[1..])),
+        Some("export") => setup(&root).and_then(|_| export(&root, &args[1..])),
         Some("test") => setup(&root).and_then(|_| test(&root)),
+        Some("browser-test") => setup(&root).and_then(|_| browser_test(&root)),
         Some("bench") => bench(&root, &args[1..]),
         _ => {
             eprintln!("{}", USAGE);
@@ -45,11 +52,17 @@ fn main() -> ExitCode {
 }
 
 const USAGE: &str = "usage: cargo xtask <command>
-  setup                                   install the kernel, Jupyter (in .venv) and fonts
+  setup                                   install the kernel, Jupyter (in .venv), fonts and
+                                          Chromium (for the browser test)
   lab                                     setup, then JupyterLab on notebooks/
   run [NOTEBOOK...] [--param NAME=VALUE]  execute notebooks (all by default) into exports/
+  export [NOTEBOOK...] [--param NAME=VALUE] [--fresh]
+                                          chapters as MkDocs pages with their figures in
+                                          exports/notes/ (runs those not run since a change)
   test                                    cargo test (also the portable build, and Miri on the
                                           engine), then every notebook with smoke parameters
+  browser-test                            01_bayes run through JupyterLab in headless Chromium
+                                          (part of `test`)
   bench --reference DIR [--workloads W,..] [--rounds N] [--steps-scale X] [--install]
                                           (developers) W1-W3 against PyTorch's scripts in DIR";
 
@@ -286,12 +299,20 @@ fn nbrun(root: &Path, notebooks: &[PathBuf], extra: &[String]) -> Result<()> {
     }
 }
 
-fn run(root: &Path, args: &[String]) -> Result<()> {
+/// The notebooks and the runner's options (`--param`, and the flags in `flags`) of a `run` or
+/// `export` command line; every notebook when none is named.
+fn notebook_args(
+    root: &Path,
+    args: &[String],
+    flags: &[&str],
+) -> Result<(Vec<PathBuf>, Vec<String>)> {
     let mut notebooks = vec![];
-    let mut extra = vec!["--export-root".to_string(), "exports".to_string()];
+    let mut extra = vec![];
     let mut it = args.iter();
     while let Some(arg) = it.next() {
-        if arg == "--param" || arg == "-p" {
+        if flags.contains(&arg.as_str()) {
+            extra.push(arg.clone());
+        } else if arg == "--param" || arg == "-p" {
             let value = it
                 .next()
                 .ok_or("--param needs NAME=VALUE, e.g. --param flips=50")?;
@@ -307,7 +328,36 @@ fn run(root: &Path, args: &[String]) -> Result<()> {
     if notebooks.is_empty() {
         notebooks = notebooks_in(&root.join("notebooks"));
     }
+    Ok((notebooks, extra))
+}
+
+fn run(root: &Path, args: &[String]) -> Result<()> {
+    let (notebooks, mut extra) = notebook_args(root, args, &[])?;
+    extra.extend(["--export-root".to_string(), "exports".to_string()]);
     nbrun(root, &notebooks, &extra)
+}
+
+/// `export`: the chapters as MkDocs pages in `exports/notes/` (see `xtask/export_notes.py`).
+fn export(root: &Path, args: &[String]) -> Result<()> {
+    let (notebooks, extra) = notebook_args(root, args, &["--fresh"])?;
+    export_notes(root, &notebooks, &extra)
+}
+
+/// Runs `xtask/export_notes.py` with `extra` options on `notebooks`.
+fn export_notes(root: &Path, notebooks: &[PathBuf], extra: &[String]) -> Result<()> {
+    let code = Command::new(root.join(".venv/bin/python"))
+        .arg(root.join("xtask/export_notes.py"))
+        .args(["--kernel", KERNEL])
+        .args(extra)
+        .args(notebooks)
+        .current_dir(root)
+        .status()
+        .map_err(|e| format!("could not start the notes exporter: {e}"))?;
+    match code.code() {
+        Some(0) => Ok(()),
+        Some(2) => Err("no cell was run: fix the parameter named above".into()),
+        _ => Err("the export failed (the reason is printed above)".into()),
+    }
 }
 
 fn test(root: &Path) -> Result<()> {
@@ -368,6 +418,24 @@ fn test(root: &Path) -> Result<()> {
         "target/notebook-tests".to_string(),
     ];
     nbrun(root, &notebooks, &extra)?;
+    // The chapters just run, exported as pages and built with `mkdocs build --strict` (every
+    // image link checked); then 01_bayes again with a cell inserted: its figures keep their
+    // file names.
+    let clock = Instant::now();
+    let chapters = notebooks_in(&root.join("notebooks"));
+    let exports = ["--exports", "target/notebook-tests"].map(String::from);
+    let mut build = vec!["--no-run".to_string(), "--build".to_string()];
+    build.extend(exports.clone());
+    build.extend(["--out", "target/notebook-tests/notes"].map(String::from));
+    export_notes(root, &chapters, &build)?;
+    let mut stable = vec!["--check-stable".to_string()];
+    stable.extend(exports);
+    export_notes(root, &[root.join("notebooks/01_bayes.ipynb")], &stable)?;
+    println!(
+        "[test] notes export and stable names: {:.1} s",
+        clock.elapsed().as_secs_f64()
+    );
+    browser_test(root)?;
     println!("[test] all done in {:.1} s", start.elapsed().as_secs_f64());
     Ok(())
 }
@@ -457,6 +525,11 @@ fn miri(root: &Path) -> Result<()> {
 
 fn lab(root: &Path) -> Result<()> {
     println!("[lab] starting JupyterLab on notebooks/ (figures you export go to exports/)");
+    status(&mut lab_command(root))
+}
+
+/// JupyterLab on `notebooks/`, as `lab` starts it (the browser test adds its own options).
+fn lab_command(root: &Path) -> Command {
     let mut cmd = Command::new(root.join(".venv/bin/jupyter"));
     cmd.args(["lab", "--notebook-dir"])
         .arg(root.join("notebooks"))
@@ -466,7 +539,150 @@ fn lab(root: &Path) -> Result<()> {
         // Jupyter refuses to run as root without this (containers and CI machines are root).
         cmd.arg("--allow-root");
     }
-    status(&mut cmd)
+    cmd
+}
+
+/// Debian's Chromium for the browser test: `$GENLAB_CHROMIUM`, else the `chromium` package
+/// (installed here when run as root).
+fn setup_browser() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("GENLAB_CHROMIUM") {
+        return Ok(PathBuf::from(path));
+    }
+    let found = || {
+        ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
+            .iter()
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+    };
+    if let Some(path) = found() {
+        return Ok(path);
+    }
+    if !is_root() {
+        return Err(
+            "the browser test needs Chromium: sudo apt-get install chromium \
+                    (or set GENLAB_CHROMIUM to a Chromium executable)"
+                .into(),
+        );
+    }
+    println!("[setup] installing chromium (the browser test's browser)");
+    status(Command::new("apt-get").args(["update", "-qq"]))?;
+    status(
+        Command::new("apt-get")
+            .args([
+                "install",
+                "-y",
+                "-qq",
+                "--no-install-recommends",
+                "chromium",
+            ])
+            .env("DEBIAN_FRONTEND", "noninteractive"),
+    )?;
+    found().ok_or_else(|| "apt-get installed chromium, but /usr/bin/chromium is missing".into())
+}
+
+/// A token no other local user can guess, for the test's JupyterLab.
+fn random_token() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 24];
+    let read = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if read.is_err() {
+        // No /dev/urandom: the clock and the process id, hashed.
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        h.write_u32(std::process::id());
+        bytes[..8].copy_from_slice(&h.finish().to_le_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The browser test (`xtask/browser_test.py`): JupyterLab started as `lab` starts it, on
+/// loopback with a token and a free port, with settings of its own (autosave off, every cell
+/// in the page); headless Chromium runs `01_bayes` through the UI; screenshots in
+/// `exports/browser-test/`.
+fn browser_test(root: &Path) -> Result<()> {
+    let chromium = setup_browser()?;
+    let clock = Instant::now();
+    let work = root.join("target/browser-test");
+    let settings = work.join("user-settings/@jupyterlab");
+    for (file, json) in [
+        ("docmanager-extension/plugin", r#"{ "autosave": false }"#),
+        (
+            "notebook-extension/tracker",
+            r#"{ "windowingMode": "none" }"#,
+        ),
+        (
+            "apputils-extension/notification",
+            r#"{ "checkForUpdates": false, "fetchNews": "false" }"#,
+        ),
+    ] {
+        let path = settings.join(format!("{file}.jupyterlab-settings"));
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        }
+        write_if_changed(&path, json)?;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| format!("no free port on 127.0.0.1: {e}"))?
+        .port();
+    let token = random_token();
+    let log_path = work.join("jupyter.log");
+    let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+    let mut server = lab_command(root)
+        .args([
+            "--no-browser",
+            "--ServerApp.ip=127.0.0.1",
+            &format!("--ServerApp.port={port}"),
+            "--ServerApp.port_retries=0",
+            &format!("--IdentityProvider.token={token}"),
+        ])
+        .arg(format!(
+            "--LabApp.user_settings_dir={}",
+            work.join("user-settings").display()
+        ))
+        .arg(format!(
+            "--LabApp.workspaces_dir={}",
+            work.join("workspaces").display()
+        ))
+        .stdout(log.try_clone().map_err(|e| e.to_string())?)
+        .stderr(log)
+        .spawn()
+        .map_err(|e| format!("could not start JupyterLab: {e}"))?;
+    let result = status(
+        Command::new(root.join(".venv/bin/python"))
+            .arg(root.join("xtask/browser_test.py"))
+            .arg(format!("--url=http://127.0.0.1:{port}"))
+            .arg(format!("--token={token}"))
+            .arg("--notebook")
+            .arg(root.join("notebooks/01_bayes.ipynb"))
+            .arg("--chromium")
+            .arg(&chromium)
+            .arg("--screenshots")
+            .arg(root.join("exports/browser-test"))
+            .current_dir(root),
+    );
+    // The script asked the server to shut down (it stops its kernels); give it time to.
+    let stop = Instant::now();
+    while server.try_wait().map_err(|e| e.to_string())?.is_none() {
+        if stop.elapsed().as_secs() > 30 {
+            let _ = server.kill();
+            let _ = server.wait();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    result.map_err(|e| format!("{e} (JupyterLab's log: {})", log_path.display()))?;
+    println!(
+        "[test] browser test: {:.1} s",
+        clock.elapsed().as_secs_f64()
+    );
+    Ok(())
 }
 
 /// A benchmark workload: our subcommand, PyTorch's script, and the numbers to compare (keys
