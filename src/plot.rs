@@ -1068,15 +1068,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn density_histogram_has_unit_area() {
-        let values: Vec<f64> = (0..1000).map(|i| (i as f64 * 0.37).sin()).collect();
-        let (edges, heights) = histogram_bins("h", &values, 20, true).unwrap();
-        let area: f64 = heights
-            .iter()
-            .enumerate()
-            .map(|(i, h)| h * (edges[i + 1] - edges[i]))
-            .sum();
-        assert!((area - 1.0).abs() < 1e-12);
+    fn histogram_bins_count_known_values() {
+        // Range [0, 4] in 4 bins of width 1: a value on an inner edge goes to the bin it
+        // opens, the maximum to the last bin; NaN is left out.
+        let values = [0.0, 0.1, 0.2, 1.5, 2.0, 3.99, 4.0, f64::NAN];
+        let (edges, counts) = histogram_bins("h", &values, 4, false).unwrap();
+        assert_eq!(edges, [0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(counts, [3.0, 1.0, 1.0, 2.0]);
+        // Unit area: each count over (7 finite values × width 1).
+        let (_, heights) = histogram_bins("h", &values, 4, true).unwrap();
+        assert_eq!(heights, [3.0 / 7.0, 1.0 / 7.0, 1.0 / 7.0, 2.0 / 7.0]);
+        // Width 0.5 on [−1, 1]: heights are counts / (n · 0.5).
+        let (edges, heights) = histogram_bins("h", &[-1.0, -0.9, 0.2, 1.0], 4, true).unwrap();
+        assert_eq!(edges, [-1.0, -0.5, 0.0, 0.5, 1.0]);
+        assert_eq!(heights, [1.0, 0.0, 0.5, 0.5]);
     }
 
     #[test]
