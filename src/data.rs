@@ -415,4 +415,59 @@ mod tests {
         assert_eq!((x.len(), k.len()), (100, 100));
         assert!(gaussian_mixture_1d(5, &[1.0], &[0.0, 1.0], &[1.0], 0).is_err());
     }
+
+    #[test]
+    fn ring_points_sit_on_their_centre_at_radius_two() {
+        let n = 8000;
+        let p = ring8(n, 0.02, 5);
+        let mut counts = [0usize; 8];
+        for (xy, &k) in p.xy.iter().zip(&p.labels) {
+            let angle = 2.0 * std::f32::consts::PI * k as f32 / 8.0;
+            let (cx, cy) = (2.0 * angle.cos(), 2.0 * angle.sin());
+            // 0.02 noise per coordinate: 6 standard deviations of the distance to the centre.
+            let d = ((xy[0] - cx).powi(2) + (xy[1] - cy).powi(2)).sqrt();
+            assert!(d < 0.12, "point {xy:?} of mode {k} is {d} from its centre");
+            counts[k] += 1;
+        }
+        // Uniform over the 8 modes: each count n/8 = 1000 ± 30 (binomial), 5 standard errors.
+        for (k, c) in counts.iter().enumerate() {
+            assert!((*c as f64 - 1000.0).abs() < 150.0, "mode {k}: {c} points");
+        }
+        let r: f64 =
+            p.xy.iter()
+                .map(|v| ((v[0] * v[0] + v[1] * v[1]) as f64).sqrt())
+                .sum::<f64>()
+                / n as f64;
+        assert!((r - 2.0).abs() < 1e-3, "mean radius {r}");
+    }
+
+    #[test]
+    fn mixture_draws_each_component_in_its_proportion() {
+        let n = 20_000;
+        let (x, k) = gaussian_mixture_1d(n, &[0.3, 0.7], &[-2.0, 2.0], &[0.5, 1.0], 1).unwrap();
+        let first = k.iter().filter(|&&c| c == 0).count() as f64 / n as f64;
+        // Binomial standard error √(0.3 · 0.7 / n) = 0.0032; allow 5 of them.
+        assert!(
+            (first - 0.3).abs() < 0.016,
+            "component 0 has {first} of the draws"
+        );
+        // Unnormalised weights mean the same mixture.
+        let (_, k2) = gaussian_mixture_1d(n, &[3.0, 7.0], &[-2.0, 2.0], &[0.5, 1.0], 1).unwrap();
+        assert_eq!(k, k2);
+        // Each draw comes from its own component: means −2 and 2, standard deviations 0.5, 1.
+        for (c, mean, std) in [(0, -2.0, 0.5), (1, 2.0, 1.0)] {
+            let v: Vec<f64> = x
+                .iter()
+                .zip(&k)
+                .filter(|(_, &j)| j == c)
+                .map(|(x, _)| *x)
+                .collect();
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            let s = (v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v.len() as f64).sqrt();
+            assert!(
+                (m - mean).abs() < 0.05 && (s - std).abs() < 0.05,
+                "{c}: {m} {s}"
+            );
+        }
+    }
 }

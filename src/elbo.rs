@@ -819,12 +819,77 @@ mod tests {
         LatentModel::simulate(Link::Cubic, 0.8, 0.9, 5, 1).unwrap()
     }
 
+    /// log p(x, z) written out again from the model's definition (prior N(0, 1), likelihood
+    /// N(xᵢ | f(z), σ²)), so that the references below share no code with `log_joint`.
+    fn log_joint_by_hand(model: &LatentModel, z: f64) -> f64 {
+        let ln_2pi = (2.0 * PI).ln();
+        let f = model.link.f(z);
+        let s2 = model.sigma * model.sigma;
+        let lik: f64 = model
+            .xs
+            .iter()
+            .map(|x| -(x - f) * (x - f) / (2.0 * s2) - 0.5 * (s2.ln() + ln_2pi))
+            .sum();
+        -0.5 * z * z - 0.5 * ln_2pi + lik
+    }
+
+    /// log p(x) on a plain midpoint grid over [−10, 10] (not Simpson, not `log_evidence`).
+    fn log_evidence_on_grid(model: &LatentModel) -> f64 {
+        let n = 100_000;
+        let h = 20.0 / n as f64;
+        let lj: Vec<f64> = (0..n)
+            .map(|i| log_joint_by_hand(model, -10.0 + h * (i as f64 + 0.5)))
+            .collect();
+        logsumexp(&lj) + h.ln()
+    }
+
+    /// KL(q ‖ p(z | x)) against the grid posterior p(z | x) = p(x, z) / Z, Z normalised on the
+    /// grid above, integrated by a midpoint rule over q's m ± 12 s.
+    fn kl_on_grid(model: &LatentModel, q: &Gaussian, log_z: f64) -> f64 {
+        let n = 40_000;
+        let (lo, h) = (q.mean - 12.0 * q.std, 24.0 * q.std / n as f64);
+        (0..n)
+            .map(|i| {
+                let z = lo + h * (i as f64 + 0.5);
+                let e = (z - q.mean) / q.std;
+                let log_q = -0.5 * e * e - q.std.ln() - 0.5 * (2.0 * PI).ln();
+                log_q.exp() * (log_q - (log_joint_by_hand(model, z) - log_z)) * h
+            })
+            .sum()
+    }
+
+    /// The linear link's marginal in closed form: x ~ N(0, σ²I + a²11ᵀ), so
+    /// log p(x) = −(n/2) log 2πσ² − ½ log(1 + n a²/σ²) − (Σx² − a²(Σx)²/(σ² + n a²)) / 2σ².
+    fn linear_log_marginal(a: f64, sigma: f64, xs: &[f64]) -> f64 {
+        let (n, s1, s2) = (
+            xs.len() as f64,
+            xs.iter().sum::<f64>(),
+            xs.iter().map(|x| x * x).sum::<f64>(),
+        );
+        let v = sigma * sigma;
+        -0.5 * n * (2.0 * PI * v).ln()
+            - 0.5 * (1.0 + n * a * a / v).ln()
+            - (s2 - a * a * s1 * s1 / (v + n * a * a)) / (2.0 * v)
+    }
+
     #[test]
     fn evidence_identity_holds_for_many_q() {
+        let linear = LatentModel::simulate(Link::Linear(1.5), 0.7, 0.5, 6, 3).unwrap();
         for model in [
+            linear,
             cubic(),
             LatentModel::new(Link::Square, 0.5, vec![2.0, 1.6]).unwrap(),
         ] {
+            let grid_evidence = log_evidence_on_grid(&model);
+            if let Link::Linear(a) = model.link {
+                let closed = linear_log_marginal(a, model.sigma, &model.xs);
+                assert!(
+                    (model.log_evidence() - closed).abs() < 1e-8,
+                    "log p(x) {} vs closed form {closed}",
+                    model.log_evidence()
+                );
+                assert!((grid_evidence - closed).abs() < 1e-8, "{grid_evidence}");
+            }
             let qs = [
                 Gaussian::new(0.0, 1.0).unwrap(),
                 Gaussian::new(1.0, 0.3).unwrap(),
@@ -832,11 +897,22 @@ mod tests {
                 Gaussian::new(3.0, 2.0).unwrap(),
             ];
             for row in identity_table(&model, &qs) {
-                assert!(row.difference.abs() < 1e-4, "{row:?}");
+                let kl = kl_on_grid(&model, &row.q, grid_evidence);
                 assert!(
-                    row.kl >= -1e-9 && row.elbo <= row.log_evidence + 1e-9,
-                    "{row:?}"
+                    (row.log_evidence - grid_evidence).abs() < 1e-8,
+                    "{row:?} vs grid log p(x) {grid_evidence}"
                 );
+                assert!(
+                    (row.kl - kl).abs() < 1e-6 * kl.max(1.0),
+                    "{row:?} vs grid KL {kl}"
+                );
+                assert!(
+                    (row.elbo - (grid_evidence - kl)).abs() < 1e-6 * kl.max(1.0),
+                    "{row:?} vs grid log p(x) − KL {}",
+                    grid_evidence - kl
+                );
+                assert!(row.difference.abs() < 1e-4, "{row:?}");
+                assert!(row.kl > 0.0, "{row:?}");
             }
         }
     }
@@ -939,22 +1015,53 @@ mod tests {
     fn mean_field_finds_its_optimum_in_2d() {
         let model = LinearModel2::simulate([1.0, 0.7], 0.6, [0.8, -0.4], 6, 4).unwrap();
         let exact = model.posterior();
-        // Check the closed form against a brute-force 2-D grid: the density integrates to 1
-        // and its mean matches.
-        let g = crate::math::linspace(-4.0, 4.0, 401);
-        let h = g[1] - g[0];
-        let (mut total, mut m0) = (0.0, 0.0);
-        for &a in &g {
-            for &b in &g {
-                let p = exact.log_pdf([a, b]).exp() * h * h;
-                total += p;
-                m0 += a * p;
+        // Check the closed form against a brute-force 2-D grid of likelihood × prior,
+        // normalised on the grid: its mean and covariance must be the closed form's.
+        let g = crate::math::linspace(-6.0, 6.0, 601);
+        let s2 = model.sigma * model.sigma;
+        let log_post = |a: f64, b: f64| {
+            let f = model.w[0] * a + model.w[1] * b;
+            let lik: f64 = model
+                .xs
+                .iter()
+                .map(|x| -(x - f) * (x - f) / (2.0 * s2))
+                .sum();
+            lik - 0.5 * (a * a + b * b)
+        };
+        let cells: Vec<(f64, f64, f64)> = g
+            .iter()
+            .flat_map(|&a| g.iter().map(move |&b| (a, b)))
+            .map(|(a, b)| (a, b, log_post(a, b)))
+            .collect();
+        let top = cells.iter().map(|c| c.2).fold(f64::NEG_INFINITY, f64::max);
+        let total: f64 = cells.iter().map(|c| (c.2 - top).exp()).sum();
+        let moment = |f: &dyn Fn(f64, f64) -> f64| {
+            cells
+                .iter()
+                .map(|&(a, b, l)| f(a, b) * (l - top).exp())
+                .sum::<f64>()
+                / total
+        };
+        let m = [moment(&|a, _| a), moment(&|_, b| b)];
+        let cov = [
+            [
+                moment(&|a, _| (a - m[0]) * (a - m[0])),
+                moment(&|a, b| (a - m[0]) * (b - m[1])),
+            ],
+            [
+                moment(&|a, b| (a - m[0]) * (b - m[1])),
+                moment(&|_, b| (b - m[1]) * (b - m[1])),
+            ],
+        ];
+        for i in 0..2 {
+            assert!((m[i] - exact.mean[i]).abs() < 1e-4, "{m:?} vs {exact:?}");
+            for j in 0..2 {
+                assert!(
+                    (cov[i][j] - exact.cov[i][j]).abs() < 1e-4,
+                    "{cov:?} vs {exact:?}"
+                );
             }
         }
-        assert!(
-            (total - 1.0).abs() < 1e-4 && (m0 - exact.mean[0]).abs() < 1e-4,
-            "{total} {m0}"
-        );
         let config = ViConfig {
             lr: 0.02,
             steps: 3000,

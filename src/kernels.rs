@@ -1699,6 +1699,35 @@ mod tests {
     }
 
     #[test]
+    fn adam_bias_correction_at_steps_two_and_three() {
+        // Gradients that change sign and size, so m̂ and v̂ at t = 2, 3 depend on both bias
+        // corrections. Expected θ worked out in f64 from the equations in the module doc
+        // (m̂ = m/(1 − β₁ᵗ), v̂ = v/(1 − β₂ᵗ), θ ← θ − lr·m̂/(√v̂ + ε)), e.g. for θ₀ at t = 2:
+        // m = 0.04, v = 0.001249, m̂ = 0.04/0.19, v̂ = 0.001249/0.001999, θ = 0.9 − 0.026634.
+        let grads = [[1.0f32, 2.0], [-0.5, 0.25], [2.0, -1.0]];
+        let want = [
+            [0.9f32, -2.1],
+            [0.873_366_3, -2.175_722_3],
+            [0.807_555_1, -2.199_732_4],
+        ];
+        let (mut th, mut m, mut v) = (vec![1.0f32, -2.0], vec![0.0; 2], vec![0.0; 2]);
+        let tol = if cfg!(miri) { 1e-4 } else { 2e-6 };
+        for (t, (g, want)) in grads.iter().zip(&want).enumerate() {
+            let s = AdamStep {
+                lr: 0.1,
+                beta1: 0.9,
+                beta2: 0.999,
+                eps: 1e-8,
+                t: t as i32 + 1,
+            };
+            adam_update(AdamConsts::new(s), &mut th, &mut m, &mut v, g);
+            for j in 0..2 {
+                assert!((th[j] - want[j]).abs() < tol, "t = {}: {th:?}", t + 1);
+            }
+        }
+    }
+
+    #[test]
     fn column_sums_add_up_columns() {
         let dy = values(5 * 7, 41);
         let mut db = vec![0.0; 4];

@@ -72,16 +72,28 @@ const GRID: RGBColor = RGBColor(225, 225, 225);
 /// The font file used for figure text: `$GENLAB_FONT` when set, else the first known CJK font
 /// on this machine, else what `fc-match` offers for Chinese, if it has Chinese glyphs.
 pub fn font_path() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("GENLAB_FONT") {
+    font_path_given(std::env::var_os("GENLAB_FONT"))
+}
+
+/// [`font_path`] with `$GENLAB_FONT`'s value passed in (so tests need not set the variable).
+fn font_path_given(genlab_font: Option<std::ffi::OsString>) -> Result<PathBuf> {
+    if let Some(path) = genlab_font {
         let path = PathBuf::from(path);
-        return if path.is_file() {
-            Ok(path)
-        } else {
-            Err(Error::Plot(format!(
+        if !path.is_file() {
+            return Err(Error::Plot(format!(
                 "GENLAB_FONT is set to {}, which is not a file: point it at a .ttf, .otf or .ttc font",
                 path.display()
-            )))
-        };
+            )));
+        }
+        // A Latin-only font would draw every Chinese title as empty boxes, silently.
+        if !has_chinese_glyphs(&path) {
+            return Err(Error::Plot(format!(
+                "GENLAB_FONT is set to {}, which is not a font with Chinese glyphs: point it at \
+                 a CJK font (e.g. /usr/share/fonts/truetype/wqy/wqy-microhei.ttc) or unset it",
+                path.display()
+            )));
+        }
+        return Ok(path);
     }
     if let Some(path) = FONT_CANDIDATES.iter().map(Path::new).find(|p| p.is_file()) {
         return Ok(path.to_path_buf());
@@ -1096,15 +1108,63 @@ mod tests {
     use super::*;
 
     #[test]
-    fn density_histogram_has_unit_area() {
-        let values: Vec<f64> = (0..1000).map(|i| (i as f64 * 0.37).sin()).collect();
-        let (edges, heights) = histogram_bins("h", &values, 20, true).unwrap();
-        let area: f64 = heights
+    fn histogram_bins_count_known_values() {
+        // Range [0, 4] in 4 bins of width 1: a value on an inner edge goes to the bin it
+        // opens, the maximum to the last bin; NaN is left out.
+        let values = [0.0, 0.1, 0.2, 1.5, 2.0, 3.99, 4.0, f64::NAN];
+        let (edges, counts) = histogram_bins("h", &values, 4, false).unwrap();
+        assert_eq!(edges, [0.0, 1.0, 2.0, 3.0, 4.0]);
+        assert_eq!(counts, [3.0, 1.0, 1.0, 2.0]);
+        // Unit area: each count over (7 finite values × width 1).
+        let (_, heights) = histogram_bins("h", &values, 4, true).unwrap();
+        assert_eq!(heights, [3.0 / 7.0, 1.0 / 7.0, 1.0 / 7.0, 2.0 / 7.0]);
+        // Width 0.5 on [−1, 1]: heights are counts / (n · 0.5).
+        let (edges, heights) = histogram_bins("h", &[-1.0, -0.9, 0.2, 1.0], 4, true).unwrap();
+        assert_eq!(edges, [-1.0, -0.5, 0.0, 0.5, 1.0]);
+        assert_eq!(heights, [1.0, 0.0, 0.5, 0.5]);
+    }
+
+    /// A font file without Chinese glyphs on this machine (DejaVu comes with fontconfig on
+    /// Debian and Ubuntu).
+    fn latin_only_font() -> PathBuf {
+        let candidates = [
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/TTF/DejaVuSans.ttf",
+            "/usr/share/fonts/dejavu/DejaVuSans.ttf",
+            "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf",
+            "/usr/share/fonts/truetype/freefont/FreeSans.ttf",
+            "/System/Library/Fonts/Supplemental/Arial.ttf",
+            "C:\\Windows\\Fonts\\arial.ttf",
+        ];
+        candidates
             .iter()
-            .enumerate()
-            .map(|(i, h)| h * (edges[i + 1] - edges[i]))
-            .sum();
-        assert!((area - 1.0).abs() < 1e-12);
+            .map(PathBuf::from)
+            .find(|p| p.is_file())
+            .expect("no Latin-only font to test with: apt-get install fonts-dejavu-core")
+    }
+
+    #[test]
+    fn a_genlab_font_without_chinese_glyphs_is_an_error() {
+        let latin = latin_only_font();
+        assert!(!has_chinese_glyphs(&latin), "{latin:?} has Chinese glyphs");
+        let err = font_path_given(Some(latin.clone().into()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("Chinese glyphs") && err.contains(&*latin.to_string_lossy()),
+            "{err}"
+        );
+        // A file that is no font at all, and a missing file.
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
+        assert!(font_path_given(Some(manifest.into())).is_err());
+        let err = font_path_given(Some("/nonexistent/font.ttf".into()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a file"), "{err}");
+        // The font figures use has them, and naming it in GENLAB_FONT is fine.
+        let cjk = font_path_given(None).unwrap();
+        assert!(has_chinese_glyphs(&cjk));
+        assert_eq!(font_path_given(Some(cjk.clone().into())).unwrap(), cjk);
     }
 
     #[test]

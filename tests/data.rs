@@ -25,6 +25,33 @@ fn digits_split_matches_the_benchmark_spec() {
         assert!((sym.train.x[i] - (2.0 * d.train.x[i] / 16.0 - 1.0)).abs() < 1e-7);
     }
     assert_eq!(d.test.labels[0], 0, "the file's first row is a 0");
+
+    // Read the file again by hand: test row k is file row 6k, training row j is the j-th
+    // file row whose index is not a multiple of 6 (6⌊j/5⌋ + j mod 5 + 1).
+    let mut text = String::new();
+    std::io::Read::read_to_string(
+        &mut flate2::read::GzDecoder::new(
+            std::fs::File::open(genlab::data::digits_path()).unwrap(),
+        ),
+        &mut text,
+    )
+    .unwrap();
+    let rows: Vec<Vec<f32>> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| l.split(',').map(|v| v.trim().parse().unwrap()).collect())
+        .collect();
+    assert_eq!(rows.len(), 1797);
+    for k in 0..300 {
+        let file = &rows[6 * k];
+        assert_eq!(d.test.image(k).unwrap(), &file[..64], "test row {k}");
+        assert_eq!(d.test.labels[k] as f32, file[64], "test label {k}");
+    }
+    for j in 0..1497 {
+        let file = &rows[6 * (j / 5) + j % 5 + 1];
+        assert_eq!(d.train.image(j).unwrap(), &file[..64], "training row {j}");
+        assert_eq!(d.train.labels[j] as f32, file[64], "training label {j}");
+    }
 }
 
 #[test]

@@ -2,7 +2,9 @@
 
 use genlab::data::{load_digits, ring8, Scale};
 use genlab::math::{linspace, normal_pdf};
-use genlab::plot::Figure;
+use genlab::plot::{Figure, PALETTE};
+use plotters::style::colors::colormaps::ViridisRGB;
+use plotters::style::RGBColor;
 use std::path::PathBuf;
 
 fn out_dir() -> PathBuf {
@@ -12,8 +14,9 @@ fn out_dir() -> PathBuf {
 }
 
 /// Renders to both formats, checks the files are real PNG/SVG with the Chinese title in the
-/// SVG, and that the PNG is not blank: the title's glyphs put dark pixels in the top band.
-fn check(fig: &Figure, name: &str) {
+/// SVG, that the PNG is not blank (the title's glyphs put dark pixels in the top band), and
+/// that each of `legend` is a text element of the SVG.
+fn check(fig: &Figure, name: &str, legend: &[&str]) {
     let dir = out_dir();
     let png = fig.save(dir.join(format!("{name}.png"))).unwrap();
     let svg = fig.save(dir.join(format!("{name}.svg"))).unwrap();
@@ -34,6 +37,46 @@ fn check(fig: &Figure, name: &str) {
         dark_pixels_in_title(&bytes) > 50,
         "{name}: no title glyphs drawn in the PNG"
     );
+    for entry in legend {
+        assert!(
+            text.contains(&format!(">\n{entry}\n</text>")),
+            "{name}: legend entry {entry:?} missing from the SVG"
+        );
+    }
+}
+
+/// The PNG's pixels as (width, height, RGB rows).
+fn decode(png_bytes: &[u8]) -> (usize, usize, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(png_bytes));
+    let mut reader = decoder.read_info().unwrap();
+    let mut buf = vec![0; reader.output_buffer_size()];
+    let info = reader.next_frame(&mut buf).unwrap();
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    (info.width as usize, info.height as usize, buf)
+}
+
+fn pixel(img: &(usize, usize, Vec<u8>), x: usize, y: usize) -> [u8; 3] {
+    let i = 3 * (y * img.0 + x);
+    [img.2[i], img.2[i + 1], img.2[i + 2]]
+}
+
+fn rgb(c: RGBColor) -> [u8; 3] {
+    [c.0, c.1, c.2]
+}
+
+/// The mean (x, y) and the number of the pixels of exactly colour `c` (rows from `top` down).
+fn centroid(img: &(usize, usize, Vec<u8>), c: [u8; 3], top: usize) -> (f64, f64, usize) {
+    let (mut sx, mut sy, mut n) = (0.0, 0.0, 0);
+    for y in top..img.1 {
+        for x in 0..img.0 {
+            if pixel(img, x, y) == c {
+                sx += x as f64;
+                sy += y as f64;
+                n += 1;
+            }
+        }
+    }
+    (sx / n.max(1) as f64, sy / n.max(1) as f64, n)
 }
 
 fn dark_pixels_in_title(png_bytes: &[u8]) -> usize {
@@ -60,7 +103,7 @@ fn line_chart_with_legend() {
         .dashed_line("后验", &xs, &b)
         .hline("水平线", 0.3)
         .vline("竖线", 0.5);
-    check(&fig, "lines");
+    check(&fig, "lines", &["先验", "后验", "水平线", "竖线"]);
 }
 
 #[test]
@@ -69,7 +112,8 @@ fn scatter_by_label() {
     let fig = Figure::new("中文标题：八个高斯 (scatter)")
         .scatter_labeled("k = ", &p.xy, &p.labels)
         .scatter("原点", &[0.0f64], &[0.0f64]);
-    check(&fig, "scatter");
+    let names = ["k = 0", "k = 3", "k = 7", "原点"];
+    check(&fig, "scatter", &names);
 }
 
 #[test]
@@ -84,10 +128,11 @@ fn histogram_and_density() {
             -5.0,
             5.0,
         );
-    check(&fig, "histogram");
+    check(&fig, "histogram", &["样本", "密度"]);
     check(
         &Figure::new("中文标题：计数 (counts)").histogram("计数", &xs, 30),
         "counts",
+        &["计数"],
     );
 }
 
@@ -101,7 +146,7 @@ fn heatmap_of_a_2d_density() {
             60,
         )
         .scatter("点", &[0.0f64, 1.0], &[0.0f64, 0.5]);
-    check(&fig, "heatmap");
+    check(&fig, "heatmap", &["点"]);
 }
 
 #[test]
@@ -115,7 +160,7 @@ fn image_grid_of_digits() {
     let fig = Figure::image_grid("中文标题：手写数字 (digits)", &first, 8, 10)
         .captions(&captions)
         .image_range(0.0, 1.0);
-    check(&fig, "digits");
+    check(&fig, "digits", &[]);
 }
 
 #[test]
@@ -151,4 +196,126 @@ fn bad_figures_are_errors_not_panics() {
         .line("a", &[0.0f64, 1.0, 2.0], &[1.0f64, f64::INFINITY, 0.5])
         .to_svg()
         .is_ok());
+}
+
+/// The title band of a figure titled `title`, as pixels.
+fn title_band(title: &str) -> Vec<u8> {
+    let png = Figure::new(title).size(400, 200).to_png().unwrap();
+    let img = decode(&png);
+    img.2[..3 * img.0 * 35].to_vec()
+}
+
+#[test]
+fn chinese_titles_are_drawn_with_chinese_glyphs() {
+    // A font without these glyphs draws every one of them as the same "missing glyph" box, so
+    // two different four-character titles, and a title of four characters no font has
+    // (plane-16 private use), would all look alike.
+    let (a, b) = (title_band("变分推断"), title_band("后验分布"));
+    let missing = title_band("\u{10FFFD}\u{10FFFD}\u{10FFFD}\u{10FFFD}");
+    let ink = |band: &[u8]| {
+        band.chunks(3)
+            .filter(|p| p.iter().map(|&v| v as u32).sum::<u32>() < 300)
+            .count()
+    };
+    assert!(
+        ink(&a) > 50 && ink(&b) > 50,
+        "no glyphs drawn: {} {}",
+        ink(&a),
+        ink(&b)
+    );
+    assert_ne!(a, b, "two Chinese titles rendered alike");
+    assert_ne!(a, missing, "a Chinese title rendered as missing glyphs");
+    assert_ne!(b, missing, "a Chinese title rendered as missing glyphs");
+}
+
+#[test]
+fn heatmap_cells_and_points_sit_at_their_data_coordinates() {
+    // rows[i][j]: row 0 at the bottom, column 0 at the left; four different values, so a
+    // flipped or transposed axis moves a colour to the wrong corner.
+    let rows = vec![vec![0.0, 1.0], vec![2.0, 3.0]];
+    let base = || {
+        Figure::new("热图方向")
+            .size(400, 300)
+            .x_range(0.0, 4.0)
+            .y_range(0.0, 2.0)
+    };
+    let img = decode(
+        &base()
+            .heatmap((0.0, 4.0), (0.0, 2.0), rows)
+            .to_png()
+            .unwrap(),
+    );
+    let colours: Vec<[u8; 3]> = (0..4)
+        .map(|v| rgb(ViridisRGB::get_color(v as f32 / 3.0)))
+        .collect();
+    // The heatmap fills the plotting area: its pixels' bounding box maps data to pixels.
+    let (mut left, mut right, mut top, mut bottom) = (usize::MAX, 0, usize::MAX, 0);
+    for y in 0..img.1 {
+        for x in 0..img.0 {
+            if colours.contains(&pixel(&img, x, y)) {
+                (left, right) = (left.min(x), right.max(x));
+                (top, bottom) = (top.min(y), bottom.max(y));
+            }
+        }
+    }
+    assert!(
+        right > left + 200 && bottom > top + 150,
+        "plot area {left}..{right} × {top}..{bottom}"
+    );
+    let at = |x: f64, y: f64| {
+        (
+            (left as f64 + x / 4.0 * (right - left) as f64).round() as usize,
+            (bottom as f64 - y / 2.0 * (bottom - top) as f64).round() as usize,
+        )
+    };
+    for (x, y, value) in [(1.0, 0.5, 0), (3.0, 0.5, 1), (1.0, 1.5, 2), (3.0, 1.5, 3)] {
+        let (px, py) = at(x, y);
+        assert_eq!(
+            pixel(&img, px, py),
+            colours[value],
+            "cell at data ({x}, {y}) should show value {value}"
+        );
+    }
+    // Points drawn on the same axes land where the same map puts them.
+    let xs = [1.3f64, 3.1];
+    let ys = [1.3f64, 0.4];
+    let img = decode(&base().scatter("点", &xs, &ys).to_png().unwrap());
+    let series = rgb(PALETTE[0]);
+    for (&x, &y) in xs.iter().zip(&ys) {
+        let (px, py) = at(x, y);
+        let p = pixel(&img, px, py);
+        // The point is PALETTE[0] at 70 % over white.
+        let want = series.map(|c| (0.7 * c as f64 + 0.3 * 255.0) as i32);
+        assert!(
+            p.iter().zip(want).all(|(&a, b)| (a as i32 - b).abs() <= 3),
+            "point ({x}, {y}) at pixel ({px}, {py}) is {p:?}, want {want:?}"
+        );
+        let (mx, my) = at(x, 2.0 - y);
+        assert_eq!(
+            pixel(&img, mx, my),
+            [255, 255, 255],
+            "mirror of ({x}, {y}) is not blank"
+        );
+    }
+}
+
+#[test]
+fn image_grids_are_dark_for_low_values_and_row_major() {
+    // One 2×2 image [0, 0.25; 0.5, 0.75] on the fixed scale 0..1: black, then lighter greys
+    // left to right and top to bottom (white is the background, so 1.0 is left out).
+    let fig = Figure::image_grid("灰度", &[0.0, 0.25, 0.5, 0.75], 2, 1).image_range(0.0, 1.0);
+    let img = decode(&fig.to_png().unwrap());
+    let spots: Vec<(f64, f64, usize)> = [0u8, 64, 128, 191]
+        .iter()
+        .map(|&g| centroid(&img, [g, g, g], 35))
+        .collect();
+    for (k, s) in spots.iter().enumerate() {
+        assert!(s.2 > 400, "grey of pixel {k} drawn on {} pixels only", s.2);
+    }
+    let (tl, tr, bl, br) = (spots[0], spots[1], spots[2], spots[3]);
+    assert!(
+        tl.0 < tr.0 - 20.0 && bl.0 < br.0 - 20.0,
+        "columns: {spots:?}"
+    );
+    assert!(tl.1 < bl.1 - 20.0 && tr.1 < br.1 - 20.0, "rows: {spots:?}");
 }

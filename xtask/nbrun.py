@@ -25,6 +25,7 @@ import os
 import queue
 import re
 import shutil
+import struct
 import sys
 import time
 from pathlib import Path
@@ -39,6 +40,8 @@ LET = re.compile(r"^\s*let\s+(mut\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*(?::\s*([^=]+?)
 INT_TYPES = {"usize", "u8", "u16", "u32", "u64", "isize", "i8", "i16", "i32", "i64"}
 FLOAT_TYPES = {"f32", "f64"}
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+# Escapes inside a Rust string literal (JSON's \b, \f and \u0001 are not Rust).
+RUST_ESCAPES = {"\\": "\\\\", '"': '\\"', "\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 
 class ParamError(Exception):
@@ -93,6 +96,11 @@ def rust_literal(name, ty, value):
             raise ParamError(f"{bad} a number") from None
         if v != v or v in (float("inf"), float("-inf")):
             raise ParamError(f"{bad} a finite number")
+        if ty == "f32":
+            try:
+                struct.pack("<f", v)  # rounds like rustc; fails where the f32 would be infinite
+            except OverflowError:
+                raise ParamError(f"{bad} in range for f32 (about ±3.4e38)") from None
         literal = repr(v)
         return literal if any(c in literal for c in ".e") else literal + ".0"
     if ty == "bool":
@@ -100,7 +108,10 @@ def rust_literal(name, ty, value):
             raise ParamError(f"{bad} `true` or `false`")
         return text
     if ty in ("&str", "&'static str", "String"):
-        quoted = json.dumps(str(value), ensure_ascii=False)
+        def escape(c):
+            control = c < " " or c == "\x7f"
+            return RUST_ESCAPES.get(c, f"\\u{{{ord(c):x}}}" if control else c)
+        quoted = '"' + "".join(escape(c) for c in str(value)) + '"'
         return quoted if ty != "String" else f"String::from({quoted})"
     raise ParamError(f"parameter `{name}` has type {ty}, which overrides do not support "
                      "(use an integer, f32/f64, bool, &str or String)")
