@@ -241,6 +241,17 @@ pub fn elbo_exact(model: &LatentModel, q: &Gaussian) -> f64 {
     q.expectation(|z| model.log_joint(z)) + q.entropy()
 }
 
+/// The ELBO's other form, term by term: (E_q[log p(x | z)], KL(q(z) ‖ p(z))), the expected
+/// log-likelihood by quadrature and the KL to the prior N(0, 1) in closed form,
+/// KL = −½ (1 + log s² − m² − s²). Their difference E_q[log p(x | z)] − KL(q ‖ p(z)) equals
+/// [`elbo_exact`]'s E_q[log p(x, z) − log q(z)], since log p(x, z) = log p(x | z) + log p(z).
+pub fn elbo_terms(model: &LatentModel, q: &Gaussian) -> (f64, f64) {
+    let expected_log_likelihood = q.expectation(|z| model.log_likelihood(z));
+    let log_var = 2.0 * q.std.ln();
+    let kl_prior = -0.5 * (1.0 + log_var - q.mean * q.mean - q.std * q.std);
+    (expected_log_likelihood, kl_prior)
+}
+
 /// KL(q(z) ‖ p(z | x)) = E_q[log q(z) − log p(z | x)], by quadrature, given log p(x).
 pub fn kl_to_posterior(model: &LatentModel, q: &Gaussian, log_evidence: f64) -> f64 {
     q.expectation(|z| q.log_pdf(z) - (model.log_joint(z) - log_evidence))

@@ -29,13 +29,25 @@ use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use std::path::Path;
 
+mod inspect;
 pub mod reference;
+
+pub use inspect::{bernoulli_entropy_floor, share_between, AmortisationGap, BINARY_THRESHOLD};
 
 /// How p(x | z) scores a pixel.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Likelihood {
     /// Bernoulli with logits: −log p = BCE(logit, x) (pixels in [0, 1] as probabilities).
+    ///
+    /// On grey pixels (x = level/16) this is not a normalised likelihood of the data: for a
+    /// fractional x, Σ over x of λˣ(1−λ)¹⁻ˣ is not 1 (the continuous Bernoulli's missing
+    /// normaliser), so −ELBO is a loss in nats, not −log of a probability, and its floor is the
+    /// entropy of the grey targets ([`bernoulli_entropy_floor`]).
     Bernoulli,
+    /// Bernoulli on binarised digits: when the data are loaded each pixel becomes 1 when its
+    /// grey level is at least 8 of 16 (x ≥ [`BINARY_THRESHOLD`]) and 0 otherwise; then
+    /// −log p = BCE(logit, x) is −log of a true probability mass over {0, 1}⁶⁴.
+    BinarisedBernoulli,
     /// Gaussian with fixed standard deviation σ: −log p = (x − μ)²/(2σ²) + log(σ√2π).
     Gaussian {
         /// The fixed σ of every pixel.
@@ -190,7 +202,10 @@ impl Vae {
     /// A fresh VAE for `config`, with the digits loaded (scaled to [0, 1]).
     pub fn new(config: VaeConfig) -> Result<Self> {
         config.validate()?;
-        let data = load_digits(Scale::Unit)?;
+        let mut data = load_digits(Scale::Unit)?;
+        if config.likelihood == Likelihood::BinarisedBernoulli {
+            inspect::binarise(&mut data);
+        }
         let encoder = Mlp::new(
             &config.encoder_widths(),
             Activation::Relu,
@@ -404,7 +419,9 @@ impl Vae {
             .decoder
             .predict(&team_for(z.len() / self.config.latent), z)?;
         Ok(match self.config.likelihood {
-            Likelihood::Bernoulli => out.into_iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect(),
+            Likelihood::Bernoulli | Likelihood::BinarisedBernoulli => {
+                out.into_iter().map(|l| 1.0 / (1.0 + (-l).exp())).collect()
+            }
             Likelihood::Gaussian { .. } => out,
         })
     }
@@ -695,7 +712,9 @@ fn reparameterise_backward(
 /// Σ over the batch of −log p(x | y), and ∂y = scale · ∂(−log p)/∂y.
 fn reconstruction(y: &[f32], x: &[f32], dy: &mut [f32], likelihood: Likelihood, scale: f32) -> f64 {
     match likelihood {
-        Likelihood::Bernoulli => crate::loss::bce_with_logits(y, x, dy, scale, PIXELS),
+        Likelihood::Bernoulli | Likelihood::BinarisedBernoulli => {
+            crate::loss::bce_with_logits(y, x, dy, scale, PIXELS)
+        }
         Likelihood::Gaussian { std } => {
             let inv_var = 1.0 / (std * std) as f32;
             let per_pixel = (std * (2.0 * std::f64::consts::PI).sqrt()).ln();
@@ -713,7 +732,7 @@ fn reconstruction(y: &[f32], x: &[f32], dy: &mut [f32], likelihood: Likelihood, 
 /// −log p(x | decoder output) summed over the pixels of one image.
 fn neg_log_likelihood(x: &[f32], out: &[f32], likelihood: Likelihood) -> f64 {
     match likelihood {
-        Likelihood::Bernoulli => x
+        Likelihood::Bernoulli | Likelihood::BinarisedBernoulli => x
             .iter()
             .zip(out)
             .map(|(&x, &l)| {

@@ -33,7 +33,9 @@ pub fn loss_and_gradient(
     // −log p(x|z), summed over pixels, averaged over the batch
     let y = decoder.forward(z);
     let reconstruction = match config.likelihood {
-        Likelihood::Bernoulli => y.bce_with_logits(x).sum::<(usize,), Axis<1>>().mean(),
+        Likelihood::Bernoulli | Likelihood::BinarisedBernoulli => {
+            y.bce_with_logits(x).sum::<(usize,), Axis<1>>().mean()
+        }
         Likelihood::Gaussian { std } => {
             let c = (PIXELS as f64 * (std * (2.0 * std::f64::consts::PI).sqrt()).ln()) as f32;
             ((y - x).square() * (0.5 / (std * std)) as f32)
