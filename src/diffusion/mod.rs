@@ -188,7 +188,9 @@ impl NoiseSchedule {
     /// One draw of q(x_t | x_0) in closed form: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, elementwise
     /// (`eps` as long as `x0`).
     pub fn q_sample(&self, x0: &[f32], t: usize, eps: &[f32]) -> Result<Vec<f32>> {
+        check_rows("q_sample (x0)", x0, 1)?;
         check_len("q_sample (eps)", x0.len(), eps.len())?;
+        check_rows("q_sample (eps)", eps, 1)?;
         let ab = self.alpha_bar(t)?;
         let (a, b) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
         Ok(x0.iter().zip(eps).map(|(&x, &e)| a * x + b * e).collect())
@@ -346,6 +348,9 @@ pub fn time_embedding(t: usize, dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Most training steps a config may ask for (a guard against typos).
+pub const MAX_ITERS: usize = 100_000_000;
+
 /// Widest hidden layer the denoiser may have.
 pub const MAX_HIDDEN: usize = 4096;
 
@@ -436,6 +441,12 @@ impl DdpmConfig {
             self.batch_size,
             "use a batch size between 1 and 65536, e.g. 128",
         )?;
+        ensure(
+            self.iters <= MAX_ITERS,
+            "iters",
+            self.iters,
+            &format!("use at most {MAX_ITERS} training steps, e.g. 4000"),
+        )?;
         if let Some(c) = self.clip {
             ensure(
                 c > 0.0 && c.is_finite(),
@@ -494,10 +505,14 @@ pub struct Ddpm {
     /// Print progress while training (on by default): the first and last record of each
     /// `train` call, and a record whenever 2 seconds have passed since the last line.
     pub verbose: bool,
-    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output.
+    /// A time budget and autosaving for [`Ddpm::train`] (none by default).
+    pub limits: crate::train::Limits,
+    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output, and the
+    /// parameters before the step (to undo a failed one).
     input: Vec<f32>,
     eps: Vec<f32>,
     dout: Vec<f32>,
+    keep: Vec<f32>,
 }
 
 impl Ddpm {
@@ -545,9 +560,11 @@ impl Ddpm {
             history: vec![],
             step_losses: vec![],
             verbose: true,
+            limits: Default::default(),
             input: vec![],
             eps: vec![],
             dout: vec![],
+            keep: vec![],
         })
     }
 
@@ -645,18 +662,59 @@ impl Ddpm {
         Ok(loss)
     }
 
+    /// One training step on a fresh batch that either completes or leaves the DDPM as it was
+    /// before it (parameters, step count, the random stream; Adam's moments where finite): a
+    /// step that fails (an error, a panicking thread) or makes a parameter NaN or infinite is
+    /// undone, so the next `train` continues exactly as the DDPM's checkpoint would.
+    fn guarded_step(&mut self, team: &Team) -> Result<f64> {
+        let rng = self.rng.clone();
+        let steps = self.denoiser.steps();
+        self.keep.clear();
+        self.keep.extend_from_slice(self.denoiser.parameters());
+        self.load_batch();
+        let result = self.step(team, Update::Adam).and_then(|loss| {
+            match self.denoiser.first_non_finite() {
+                None => Ok(loss),
+                Some((i, value)) => Err(Error::Diverged {
+                    step: steps,
+                    loss: value,
+                    fix: format!(
+                        "The update at step {steps} made the denoiser's parameter {i} {value}; \
+                         it was undone, so the DDPM keeps its parameters from before that step. \
+                         Lower the learning rate (now {:e}; W3 uses 1e-3).",
+                        self.config.lr
+                    ),
+                }),
+            }
+        });
+        if result.is_err() {
+            self.rng = rng;
+            self.denoiser.rewind(&self.keep, steps)?;
+        }
+        result
+    }
+
     /// Trains `iters` more steps, recording the mean loss every [`RECORD_EVERY`] steps and
-    /// printing progress.
+    /// printing progress. [`Ddpm::limits`] can give the call a time budget and autosave it.
     pub fn train(&mut self, iters: usize) -> Result<&[StepRecord]> {
         let start = self.history.len();
+        let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
         let _ftz = crate::mlp::FlushDenormals::new();
         let clock = std::time::Instant::now();
         let mut last_print: Option<std::time::Instant> = None;
         let mut sum = 0.0;
         for i in 0..iters {
-            self.load_batch();
-            let loss = self.step(&team, Update::Adam)?;
+            if watch.out_of_time() {
+                if self.verbose {
+                    println!(
+                        "time budget reached after {i} of {iters} steps ({:.1} s): call train again to go on",
+                        watch.seconds()
+                    );
+                }
+                break;
+            }
+            let loss = self.guarded_step(&team)?;
             self.step_losses.push(loss);
             sum += loss;
             let done = self.steps_done();
@@ -681,7 +739,9 @@ impl Ddpm {
                 }
                 self.history.push(record);
             }
+            watch.autosave(false, |path| self.save(path))?;
         }
+        watch.autosave(true, |path| self.save(path))?;
         Ok(&self.history[start..])
     }
 
@@ -691,8 +751,7 @@ impl Ddpm {
         let team = Team::default_size();
         let _ftz = crate::mlp::FlushDenormals::new();
         for _ in 0..iters {
-            self.load_batch();
-            let loss = self.step(&team, Update::Adam)?;
+            let loss = self.guarded_step(&team)?;
             self.step_losses.push(loss);
         }
         Ok(())
@@ -975,6 +1034,17 @@ impl Ddpm {
             )));
         }
         ddpm.denoiser = Mlp::from_state(c.denoiser).map_err(|e| bad(e.to_string()))?;
+        // The step count says how far to replay the random stream: it must agree with the
+        // losses recorded (an edited count would otherwise replay for hours).
+        let steps = ddpm.denoiser.steps();
+        let recorded = c.history.last().map_or(0, |r| r.step);
+        if c.step_losses.len() != steps || recorded > steps {
+            return Err(bad(format!(
+                "its counts disagree (denoiser steps {steps}, step losses {}, last record at \
+                 step {recorded}): the checkpoint was edited or damaged",
+                c.step_losses.len()
+            )));
+        }
         // Continue the random stream where it would be after as many steps.
         for _ in 0..ddpm.denoiser.steps() {
             ddpm.load_batch();
@@ -1049,6 +1119,18 @@ fn check_rows(what: &str, values: &[f32], width: usize) -> Result<()> {
             what,
             format!("a whole number of rows of {width} values (at least one row)"),
             format!("{} values", values.len()),
+        ));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::param(
+            what,
+            format!(
+                "{} at index {i} (row {}, column {})",
+                values[i],
+                i / width,
+                i % width
+            ),
+            format!("every value must be a finite number (rows of {width} values)"),
         ));
     }
     Ok(())
