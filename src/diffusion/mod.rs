@@ -590,6 +590,19 @@ impl Ddpm {
         &self.schedule
     }
 
+    /// Changes the learning rate (the denoiser keeps its Adam moments): to go on with smaller
+    /// steps after a divergence.
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        let config = DdpmConfig {
+            lr,
+            ..self.config.clone()
+        };
+        config.validate()?;
+        self.denoiser.set_adam(config.adam())?;
+        self.config = config;
+        Ok(())
+    }
+
     /// The denoiser network ε_θ.
     pub fn denoiser(&self) -> &Mlp {
         &self.denoiser
@@ -1025,7 +1038,8 @@ impl Ddpm {
             path: path.to_path_buf(),
             message,
         };
-        let mut ddpm = Ddpm::new(c.config, &c.data, c.dim)?;
+        let mut ddpm = Ddpm::new(c.config, &c.data, c.dim)
+            .map_err(|e| bad(format!("its config or data is invalid ({e})")))?;
         let got = c.denoiser.widths();
         let want = ddpm.config.widths(ddpm.dim);
         if got != want {

@@ -264,6 +264,17 @@ impl Vae {
         self.history.len()
     }
 
+    /// Changes the learning rate of both networks (each keeps its Adam moments): to go on
+    /// with smaller steps after a divergence.
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        let config = VaeConfig { lr, ..self.config };
+        config.validate()?;
+        self.encoder.set_adam(config.adam())?;
+        self.decoder.set_adam(config.adam())?;
+        self.config = config;
+        Ok(())
+    }
+
     /// The encoder network (64 → H → H → 2L).
     pub fn encoder(&self) -> &Mlp {
         &self.encoder
@@ -642,7 +653,8 @@ impl Vae {
             path: path.to_path_buf(),
             message,
         };
-        let mut vae = Vae::new(checkpoint.config)?;
+        let mut vae =
+            Vae::new(checkpoint.config).map_err(|e| bad(format!("its config is invalid ({e})")))?;
         for (name, state, widths) in [
             (
                 "encoder",
@@ -849,7 +861,7 @@ fn check_images(what: &str, values: &[f32], width: usize) -> Result<()> {
                 i / width,
                 i % width
             ),
-            "every value must be a finite number",
+            format!("every value must be a finite number (rows of {width} values)"),
         ));
     }
     Ok(())
