@@ -1158,3 +1158,43 @@ fn strip_embedding(input: &[f32], d: usize, e: usize) -> Vec<f32> {
         .copied()
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A training thread that panics in the middle of a step: `train` returns an error instead
+    /// of hanging or aborting, the step is undone (parameters, step count, random stream), and
+    /// the DDPM trains on exactly as its checkpoint does.
+    #[test]
+    fn a_panicking_training_thread_is_an_error_and_the_ddpm_stays_consistent() {
+        let data = crate::data::swiss_roll(200, 0.05, 0).xy;
+        let config = DdpmConfig {
+            hidden: vec![100, 100],
+            embedding: 8,
+            batch_size: 32,
+            ..DdpmConfig::toy_2d()
+        };
+        let mut a = Ddpm::points(config, &data).unwrap();
+        a.verbose = false;
+        a.train(5).unwrap();
+        let before = a.denoiser.parameters().to_vec();
+        a.denoiser.fault = Some(1);
+        let err = a.train(5).unwrap_err();
+        assert!(err.to_string().contains("training thread"), "{err}");
+        assert_eq!(a.steps_done(), 5);
+        assert_eq!(a.denoiser.parameters(), &before[..]);
+        let path = std::env::temp_dir().join(format!(
+            "genlab-ddpm-after-panic-{}.json",
+            std::process::id()
+        ));
+        a.save(&path).unwrap();
+        let mut b = Ddpm::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        b.verbose = false;
+        a.train(10).unwrap();
+        b.train(10).unwrap();
+        assert_eq!(a.step_losses, b.step_losses);
+        assert_eq!(a.denoiser.parameters(), b.denoiser.parameters());
+    }
+}

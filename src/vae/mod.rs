@@ -963,6 +963,47 @@ mod tests {
         assert!(vae.parameters().unwrap().iter().all(|p| p.is_finite()));
     }
 
+    /// A training thread that panics in the middle of a step (after some weight rows were
+    /// updated, before they were repacked), in either network: `train` returns an error
+    /// instead of hanging or aborting, the step is undone, and the VAE then trains on exactly
+    /// as its checkpoint does.
+    #[test]
+    fn a_panicking_training_thread_is_an_error_and_the_vae_stays_consistent() {
+        for encoder in [false, true] {
+            let mut vae = Vae::new(VaeConfig {
+                hidden: 100,
+                latent: 3,
+                ..VaeConfig::default()
+            })
+            .unwrap();
+            vae.verbose = false;
+            vae.train(1).unwrap();
+            let before = (vae.parameters().unwrap(), vae.steps_done());
+            let net = if encoder {
+                &mut vae.encoder
+            } else {
+                &mut vae.decoder
+            };
+            net.fault = Some(0);
+            let err = vae.train(1).unwrap_err();
+            assert!(err.to_string().contains("training thread"), "{err}");
+            assert_eq!((vae.parameters().unwrap(), vae.steps_done()), before);
+            assert_eq!(vae.decoder.steps(), vae.encoder.steps());
+            let path = std::env::temp_dir().join(format!(
+                "genlab-vae-after-panic-{encoder}-{}.json",
+                std::process::id()
+            ));
+            vae.save(&path).unwrap();
+            let mut loaded = Vae::load(&path).unwrap();
+            loaded.verbose = false;
+            vae.train(1).unwrap();
+            loaded.train(1).unwrap();
+            assert_eq!(vae.step_losses, loaded.step_losses);
+            assert_eq!(vae.parameters().unwrap(), loaded.parameters().unwrap());
+            let _ = std::fs::remove_file(&path);
+        }
+    }
+
     /// Two threads and one give bit-identical training.
     #[test]
     fn one_or_two_threads_train_identically() {
