@@ -956,8 +956,16 @@ impl Figure {
         if let Some(i) = grid.pixels.iter().position(|v| !v.is_finite()) {
             return Err(Error::param(
                 "image_grid",
-                format!("{} at index {i} (image {}, pixel {})", grid.pixels[i], i / per, i % per),
-                format!("every pixel must be a finite number ({0}×{0} images)", grid.side),
+                format!(
+                    "{} at index {i} (image {}, pixel {})",
+                    grid.pixels[i],
+                    i / per,
+                    i % per
+                ),
+                format!(
+                    "every pixel must be a finite number ({0}×{0} images)",
+                    grid.side
+                ),
             ));
         }
         let n = grid.pixels.len() / per;

@@ -57,7 +57,10 @@ fn all_errors<T: std::fmt::Debug>(cases: Vec<(&str, Result<T>, Vec<String>)>) ->
             Err(e) => e.to_string(),
         };
         for needle in &needles {
-            assert!(err.contains(needle.as_str()), "{what}: `{needle}` not in: {err}");
+            assert!(
+                err.contains(needle.as_str()),
+                "{what}: `{needle}` not in: {err}"
+            );
         }
     }
     n
@@ -85,10 +88,26 @@ fn arrays_from_the_learner_are_checked() {
         ("encode inf", vae.encode(&inf).map(|_| ()), rows64()),
         ("decode empty", vae.decode(&[]).map(|_| ()), rows2()),
         ("decode 3", vae.decode(&[0.0; 3]).map(|_| ()), rows2()),
-        ("decode NaN", vae.decode(&[f32::NAN, 0.0]).map(|_| ()), rows2()),
-        ("reconstruct empty", vae.reconstruct(&[]).map(|_| ()), rows64()),
-        ("reconstruct 65", vae.reconstruct(&[0.5; 65]).map(|_| ()), rows64()),
-        ("reconstruct NaN", vae.reconstruct(&nan).map(|_| ()), rows64()),
+        (
+            "decode NaN",
+            vae.decode(&[f32::NAN, 0.0]).map(|_| ()),
+            rows2(),
+        ),
+        (
+            "reconstruct empty",
+            vae.reconstruct(&[]).map(|_| ()),
+            rows64(),
+        ),
+        (
+            "reconstruct 65",
+            vae.reconstruct(&[0.5; 65]).map(|_| ()),
+            rows64(),
+        ),
+        (
+            "reconstruct NaN",
+            vae.reconstruct(&nan).map(|_| ()),
+            rows64(),
+        ),
         (
             "iwae NaN",
             vae.log_likelihood_iwae(&nan, 5, 0).map(|_| ()),
@@ -110,15 +129,27 @@ fn arrays_from_the_learner_are_checked() {
     )
     .unwrap();
     tried += all_errors(vec![
-        ("discriminate empty", gan.discriminate(&[]).map(|_| ()), rows2()),
-        ("discriminate 3", gan.discriminate(&[0.0; 3]).map(|_| ()), rows2()),
+        (
+            "discriminate empty",
+            gan.discriminate(&[]).map(|_| ()),
+            rows2(),
+        ),
+        (
+            "discriminate 3",
+            gan.discriminate(&[0.0; 3]).map(|_| ()),
+            rows2(),
+        ),
         (
             "discriminate NaN",
             gan.discriminate(&[0.0, f32::NAN]).map(|_| ()),
             rows2(),
         ),
         ("ring_metrics empty", ring_metrics(&[]).map(|_| ()), rows2()),
-        ("ring_metrics 5", ring_metrics(&[0.0; 5]).map(|_| ()), rows2()),
+        (
+            "ring_metrics 5",
+            ring_metrics(&[0.0; 5]).map(|_| ()),
+            rows2(),
+        ),
         (
             "ring_metrics inf",
             ring_metrics(&[f32::INFINITY, 0.0]).map(|_| ()),
@@ -128,8 +159,16 @@ fn arrays_from_the_learner_are_checked() {
     let mut ddpm = small_ddpm(1e-3);
     let ok = [0.1f32, 0.2, 0.3, 0.4];
     tried += all_errors(vec![
-        ("loss_at empty", ddpm.loss_at(&[], 1, 4, 0).map(|_| ()), rows2()),
-        ("loss_at 3", ddpm.loss_at(&ok[..3], 1, 4, 0).map(|_| ()), rows2()),
+        (
+            "loss_at empty",
+            ddpm.loss_at(&[], 1, 4, 0).map(|_| ()),
+            rows2(),
+        ),
+        (
+            "loss_at 3",
+            ddpm.loss_at(&ok[..3], 1, 4, 0).map(|_| ()),
+            rows2(),
+        ),
         (
             "loss_at NaN",
             ddpm.loss_at(&[0.0, f32::NAN], 1, 4, 0).map(|_| ()),
@@ -162,9 +201,7 @@ fn arrays_from_the_learner_are_checked() {
         ),
         (
             "q_sample NaN",
-            ddpm.schedule()
-                .q_sample(&[f32::NAN], 1, &[0.0])
-                .map(|_| ()),
+            ddpm.schedule().q_sample(&[f32::NAN], 1, &[0.0]).map(|_| ()),
             s("finite"),
         ),
     ]);
@@ -264,7 +301,11 @@ fn bad_data_files_name_the_file_and_the_line() {
         cases.push((path, text, needle));
     };
     add("missing.csv.gz", None, "No such file");
-    add("few-rows.csv.gz", Some(lines[..100].join("\n")), "expected 1797 rows");
+    add(
+        "few-rows.csv.gz",
+        Some(lines[..100].join("\n")),
+        "expected 1797 rows",
+    );
     add("empty.csv.gz", Some(String::new()), "expected 1797 rows");
     add(
         "short-line.csv.gz",
@@ -303,7 +344,9 @@ fn bad_data_files_name_the_file_and_the_line() {
     let cut = tmp("cut.csv.gz");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
     for path in [plain, cut] {
-        let err = load_digits_from(&path, Scale::Unit).unwrap_err().to_string();
+        let err = load_digits_from(&path, Scale::Unit)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains(path.to_str().unwrap()) && err.contains("gzip"),
             "{err}"
@@ -422,20 +465,35 @@ fn bad_checkpoints_name_the_file_and_the_problem() {
 
     let mut vae_cases = vec![
         (tmp("vae-missing.json"), "No such file"),
-        (raw(&good, "vae-truncated.json", |t| t[..t.len() / 2].into()), "not a genlab"),
-        (raw(&good, "vae-empty.json", |_| String::new()), "not a genlab"),
-        (raw(&good, "vae-text.json", |_| "hello".into()), "not a genlab"),
+        (
+            raw(&good, "vae-truncated.json", |t| t[..t.len() / 2].into()),
+            "not a genlab",
+        ),
+        (
+            raw(&good, "vae-empty.json", |_| String::new()),
+            "not a genlab",
+        ),
+        (
+            raw(&good, "vae-text.json", |_| "hello".into()),
+            "not a genlab",
+        ),
         (good_ddpm.clone(), "not a genlab"),
         (
-            edited(&good, "vae-other-config.json", |v| v["config"]["hidden"] = 64.into()),
+            edited(&good, "vae-other-config.json", |v| {
+                v["config"]["hidden"] = 64.into()
+            }),
             "widths",
         ),
         (
-            edited(&good, "vae-bad-config.json", |v| v["config"]["lr"] = (-1.0).into()),
+            edited(&good, "vae-bad-config.json", |v| {
+                v["config"]["lr"] = (-1.0).into()
+            }),
             "`lr`",
         ),
         (
-            edited(&good, "vae-steps-off.json", |v| v["encoder"]["steps"] = 5.into()),
+            edited(&good, "vae-steps-off.json", |v| {
+                v["encoder"]["steps"] = 5.into()
+            }),
             "counts disagree",
         ),
         (
@@ -458,7 +516,12 @@ fn bad_checkpoints_name_the_file_and_the_problem() {
 
     let mut ddpm_cases = vec![
         (tmp("ddpm-missing.json"), "No such file"),
-        (raw(&good_ddpm, "ddpm-truncated.json", |t| t[..t.len() - 10].into()), "not a genlab"),
+        (
+            raw(&good_ddpm, "ddpm-truncated.json", |t| {
+                t[..t.len() - 10].into()
+            }),
+            "not a genlab",
+        ),
         (good.clone(), "not a genlab"),
         (
             edited(&good_ddpm, "ddpm-other-config.json", |v| {
@@ -475,7 +538,9 @@ fn bad_checkpoints_name_the_file_and_the_problem() {
             "rows of 7 values",
         ),
         (
-            edited(&good_ddpm, "ddpm-data-inf.json", |v| v["data"][7] = 1e39.into()),
+            edited(&good_ddpm, "ddpm-data-inf.json", |v| {
+                v["data"][7] = 1e39.into()
+            }),
             "number out of range",
         ),
         (
@@ -601,7 +666,7 @@ fn a_diverging_vae_keeps_its_parameters_and_goes_on() {
     // An absurd but representable lr: the loss stops being finite after a few steps.
     let mut vae = Vae::new(VaeConfig {
         lr: 1e30,
-        ..small_vae(0).config().clone()
+        ..*small_vae(0).config()
     })
     .unwrap();
     vae.verbose = false;
@@ -638,7 +703,10 @@ fn a_diverging_ddpm_keeps_its_parameters_and_goes_on() {
     assert_eq!(ddpm.step_losses, loaded.step_losses);
     assert_eq!(ddpm.denoiser().parameters(), loaded.denoiser().parameters());
     let mean = |l: &[f64]| l.iter().sum::<f64>() / l.len() as f64;
-    let (first, last) = (mean(&ddpm.step_losses[..20]), mean(&ddpm.step_losses[180..]));
+    let (first, last) = (
+        mean(&ddpm.step_losses[..20]),
+        mean(&ddpm.step_losses[180..]),
+    );
     assert!(last < 0.9 * first, "{first} -> {last}");
 
     let mut ddpm = small_ddpm(1e30);
@@ -651,7 +719,10 @@ fn a_diverging_ddpm_keeps_its_parameters_and_goes_on() {
     assert!(ddpm.denoiser().parameters().iter().all(|p| p.is_finite()));
     let mut earlier = small_ddpm(1e30);
     earlier.train_steps_only(step).unwrap();
-    assert_eq!(earlier.denoiser().parameters(), ddpm.denoiser().parameters());
+    assert_eq!(
+        earlier.denoiser().parameters(),
+        ddpm.denoiser().parameters()
+    );
 }
 
 #[test]
@@ -698,7 +769,10 @@ fn the_vae_resumes_from_its_autosave_exactly() {
     straight.train(done + 2).unwrap();
     assert_eq!(resumed.step_losses, straight.step_losses);
     assert_eq!(resumed.history, straight.history);
-    assert_eq!(resumed.parameters().unwrap(), straight.parameters().unwrap());
+    assert_eq!(
+        resumed.parameters().unwrap(),
+        straight.parameters().unwrap()
+    );
     // A budget of 0 trains nothing; a bad budget is an error naming it.
     let mut none = small_vae(3);
     none.limits = Limits::default().with_time_budget(0.0).unwrap();
@@ -719,7 +793,10 @@ fn the_ddpm_resumes_from_its_autosave_exactly() {
         .unwrap();
     stopped.train(10_000_000).unwrap();
     let done = stopped.steps_done();
-    assert!((1..10_000_000).contains(&done), "{done} steps in the budget");
+    assert!(
+        (1..10_000_000).contains(&done),
+        "{done} steps in the budget"
+    );
     let mut resumed = Ddpm::load(&path).unwrap();
     resumed.verbose = false;
     assert_eq!(resumed.steps_done(), done);

@@ -685,21 +685,21 @@ impl Ddpm {
         self.keep.clear();
         self.keep.extend_from_slice(self.denoiser.parameters());
         self.load_batch();
-        let result = self.step(team, Update::Adam).and_then(|loss| {
-            match self.denoiser.first_non_finite() {
-                None => Ok(loss),
-                Some((i, value)) => Err(Error::Diverged {
-                    step: steps,
-                    loss: value,
-                    fix: format!(
+        let result =
+            self.step(team, Update::Adam)
+                .and_then(|loss| match self.denoiser.first_non_finite() {
+                    None => Ok(loss),
+                    Some((i, value)) => Err(Error::Diverged {
+                        step: steps,
+                        loss: value,
+                        fix: format!(
                         "The update at step {steps} made the denoiser's parameter {i} {value}; \
                          it was undone, so the DDPM keeps its parameters from before that step. \
                          Lower the learning rate (now {:e}; W3 uses 1e-3).",
                         self.config.lr
                     ),
-                }),
-            }
-        });
+                    }),
+                });
         if result.is_err() {
             self.rng = rng;
             self.denoiser.rewind(&self.keep, steps)?;

@@ -457,7 +457,12 @@ pub fn ring_metrics(samples: &[f32]) -> Result<RingMetrics> {
     if let Some(i) = samples.iter().position(|v| !v.is_finite()) {
         return Err(Error::param(
             "ring_metrics",
-            format!("{} at index {i} (row {}, column {})", samples[i], i / 2, i % 2),
+            format!(
+                "{} at index {i} (row {}, column {})",
+                samples[i],
+                i / 2,
+                i % 2
+            ),
             "every value must be a finite number (rows of 2 values)",
         ));
     }
@@ -924,7 +929,12 @@ impl Gan {
         if let Some(i) = x.iter().position(|v| !v.is_finite()) {
             return Err(Error::param(
                 "Gan::discriminate",
-                format!("{} at index {i} (row {}, column {})", x[i], i / dim, i % dim),
+                format!(
+                    "{} at index {i} (row {}, column {})",
+                    x[i],
+                    i / dim,
+                    i % dim
+                ),
                 format!("every value must be a finite number (rows of {dim} values)"),
             ));
         }

@@ -433,7 +433,10 @@ impl Mlp {
             steps <= self.steps,
             "steps",
             steps,
-            &format!("rewind to a step count at most the current one ({})", self.steps),
+            &format!(
+                "rewind to a step count at most the current one ({})",
+                self.steps
+            ),
         )?;
         let (mut m, mut v) = (std::mem::take(&mut self.m), std::mem::take(&mut self.v));
         for (m, v) in m.iter_mut().zip(v.iter_mut()) {
@@ -671,7 +674,11 @@ impl Mlp {
         let blocks = &self.blocks;
         #[cfg(test)]
         let sh = Shared {
-            fault: self.fault.take().and_then(|i| blocks.get(i)).map(|b| (b.0, b.1)),
+            fault: self
+                .fault
+                .take()
+                .and_then(|i| blocks.get(i))
+                .map(|b| (b.0, b.1)),
             ..sh
         };
         let done = team.run(blocks.len(), &|i| {
@@ -1092,8 +1099,12 @@ mod tests {
     #[test]
     fn a_failed_update_leaves_a_consistent_network() {
         let team = Team::new(2);
-        let x: Vec<f32> = (0..5 * 3).map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0).collect();
-        let r: Vec<f32> = (0..5 * 2).map(|i| ((i * 5) % 7) as f32 / 3.0 - 1.0).collect();
+        let x: Vec<f32> = (0..5 * 3)
+            .map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0)
+            .collect();
+        let r: Vec<f32> = (0..5 * 2)
+            .map(|i| ((i * 5) % 7) as f32 / 3.0 - 1.0)
+            .collect();
         // 70 rows in the first layer: two weight-update blocks there.
         let mut net = Mlp::new(&[3, 70, 2], Activation::Relu, AdamSettings::default(), 1).unwrap();
         net.forward(&team, &x).unwrap();
@@ -1109,9 +1120,27 @@ mod tests {
                 n.forward(&team, &x).unwrap();
                 n.backward(&team, &r, Update::Adam).unwrap();
             }
-            assert_eq!(net.state(), fresh.state());
+            let (a, b) = (net.state(), fresh.state());
+            assert_eq!(a.steps, b.steps);
+            for (a, b) in [(a.parameters, b.parameters), (a.m, b.m), (a.v, b.v)] {
+                assert!(same(&a, &b));
+            }
         }
-        assert_eq!(net.predict(&team, &x).unwrap(), fresh.predict(&team, &x).unwrap());
+        let (a, b) = (net.predict(&team, &x), fresh.predict(&team, &x));
+        assert!(same(&a.unwrap(), &b.unwrap()));
+    }
+
+    /// Equal, or within float noise under Miri (which perturbs sqrt and powi on purpose); a
+    /// stale packed weight would be off by a whole Adam step (~1e-3).
+    fn same(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                if cfg!(miri) {
+                    (x - y).abs() <= 1e-5 * (1.0 + x.abs())
+                } else {
+                    x == y
+                }
+            })
     }
 
     /// `rewind` puts back parameters and the step count, and zeroes only non-finite moments.
@@ -1131,7 +1160,11 @@ mod tests {
         assert_eq!((s.parameters, s.steps), (kept.clone(), 0));
         assert_eq!((s.m[0], s.v[0]), (0.0, 0.0));
         assert_eq!(s.m[1..], m_after[1..]);
-        assert_eq!(net.predict(&team, &x).unwrap(), Mlp::from_state(net.state()).unwrap().predict(&team, &x).unwrap());
+        let rebuilt = Mlp::from_state(net.state()).unwrap();
+        assert!(same(
+            &net.predict(&team, &x).unwrap(),
+            &rebuilt.predict(&team, &x).unwrap()
+        ));
         assert!(net.rewind(&kept, 1).is_err(), "cannot rewind forward");
         assert!(net.rewind(&kept[1..], 0).is_err());
     }

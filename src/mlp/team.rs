@@ -358,7 +358,7 @@ mod tests {
     #[test]
     fn a_team_ends_after_a_panicking_task() {
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let owner = std::thread::spawn(move || {
             let team = Team::new(2);
             let failed = team.run(6, &|i| assert!(i != 4, "task 4 fails on purpose"));
             let helper = team.threads() == 2;
@@ -368,6 +368,7 @@ mod tests {
         let deadline = Duration::from_secs(if cfg!(miri) { 600 } else { 20 });
         let (failed, _) = rx.recv_timeout(deadline).expect("the team did not end");
         assert!(failed);
+        owner.join().unwrap();
     }
 
     #[test]

@@ -109,7 +109,9 @@ impl VaeConfig {
             (0.0..=MAX_BETA).contains(&self.beta),
             "beta",
             self.beta,
-            &format!("β weighs the KL term: use a number from 0 to {MAX_BETA:e}, 1 for the plain VAE"),
+            &format!(
+                "β weighs the KL term: use a number from 0 to {MAX_BETA:e}, 1 for the plain VAE"
+            ),
         )?;
         ensure(
             (1..=1497).contains(&self.batch_size),
@@ -349,7 +351,11 @@ impl Vae {
             let parts = self.step(team, Update::Adam, Update::Adam)?;
             let bad = (self.encoder.first_non_finite())
                 .map(|(i, v)| ("encoder", i, v))
-                .or_else(|| self.decoder.first_non_finite().map(|(i, v)| ("decoder", i, v)));
+                .or_else(|| {
+                    self.decoder
+                        .first_non_finite()
+                        .map(|(i, v)| ("decoder", i, v))
+                });
             match bad {
                 None => Ok(parts),
                 Some((net, i, value)) => Err(Error::Diverged {
