@@ -18,6 +18,16 @@
 //! model ([`Trainer::watermark`]), so the tensors a step creates never collide with the ones
 //! that live across cells. Create the tensors a step uses inside the step's closure (from plain
 //! `Vec`s or slices): a tensor created earlier in a later cell may carry a colliding id.
+//!
+//! # Time budgets and autosaves, for every trainer
+//!
+//! In a notebook an interrupt (or a crash) ends the kernel and every model in it. [`Limits`]
+//! is set on a trainer's `limits` field ([`crate::vae::Vae`], [`crate::diffusion::Ddpm`]; the
+//! GAN takes a time budget only, it has no checkpoints yet) before `train`:
+//! `vae.limits = train::Limits::autosave("checkpoints/vae.json", 60.0)?.with_time_budget(600.0)?;`
+//! saves a checkpoint at the first epoch (or step) boundary after each 60 s and when the call
+//! ends, so an interrupt costs at most about a minute, and stops the call after 10 minutes.
+//! Loading the checkpoint and training on gives the same losses as a run that never stopped.
 
 use crate::error::{Error, Result};
 use dfdx::nn::tensor_collection::{
