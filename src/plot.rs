@@ -262,6 +262,27 @@ fn to_f64<T: Copy + Into<f64>>(values: &[T]) -> Vec<f64> {
     values.iter().map(|&v| v.into()).collect()
 }
 
+/// A scatter series has at least one point and every coordinate is finite.
+fn check_points(name: &str, xs: &[f64], ys: &[f64]) -> Result<()> {
+    if xs.is_empty() {
+        return Err(Error::shape(
+            &format!("scatter `{name}`"),
+            "at least one point (x, y)",
+            "0 points",
+        ));
+    }
+    for (axis, v) in [("x", xs), ("y", ys)] {
+        if let Some(i) = v.iter().position(|v| !v.is_finite()) {
+            return Err(Error::param(
+                &format!("scatter `{name}`"),
+                format!("{axis} = {} at point {i}", v[i]),
+                "every coordinate must be a finite number",
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn plot_err(e: impl std::fmt::Debug) -> Error {
     Error::Plot(format!("{e:?}"))
 }
@@ -678,6 +699,9 @@ impl Figure {
                             format!("{} y values", y.len()),
                         ));
                     }
+                    if let Layer::Scatter { .. } = layer {
+                        check_points(name, x, y)?;
+                    }
                     xs.extend(x);
                     ys.extend(y);
                 }
@@ -962,6 +986,21 @@ impl Figure {
                     grid.side
                 ),
                 format!("{} values, {} columns", grid.pixels.len(), grid.cols),
+            ));
+        }
+        if let Some(i) = grid.pixels.iter().position(|v| !v.is_finite()) {
+            return Err(Error::param(
+                "image_grid",
+                format!(
+                    "{} at index {i} (image {}, pixel {})",
+                    grid.pixels[i],
+                    i / per,
+                    i % per
+                ),
+                format!(
+                    "every pixel must be a finite number ({0}×{0} images)",
+                    grid.side
+                ),
             ));
         }
         let n = grid.pixels.len() / per;

@@ -188,7 +188,9 @@ impl NoiseSchedule {
     /// One draw of q(x_t | x_0) in closed form: x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, elementwise
     /// (`eps` as long as `x0`).
     pub fn q_sample(&self, x0: &[f32], t: usize, eps: &[f32]) -> Result<Vec<f32>> {
+        check_rows("q_sample (x0)", x0, 1)?;
         check_len("q_sample (eps)", x0.len(), eps.len())?;
+        check_rows("q_sample (eps)", eps, 1)?;
         let ab = self.alpha_bar(t)?;
         let (a, b) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
         Ok(x0.iter().zip(eps).map(|(&x, &e)| a * x + b * e).collect())
@@ -346,6 +348,9 @@ pub fn time_embedding(t: usize, dim: usize) -> Vec<f32> {
         .collect()
 }
 
+/// Most training steps a config may ask for (a guard against typos).
+pub const MAX_ITERS: usize = 100_000_000;
+
 /// Widest hidden layer the denoiser may have.
 pub const MAX_HIDDEN: usize = 4096;
 
@@ -436,6 +441,12 @@ impl DdpmConfig {
             self.batch_size,
             "use a batch size between 1 and 65536, e.g. 128",
         )?;
+        ensure(
+            self.iters <= MAX_ITERS,
+            "iters",
+            self.iters,
+            &format!("use at most {MAX_ITERS} training steps, e.g. 4000"),
+        )?;
         if let Some(c) = self.clip {
             ensure(
                 c > 0.0 && c.is_finite(),
@@ -494,10 +505,14 @@ pub struct Ddpm {
     /// Print progress while training (on by default): the first and last record of each
     /// `train` call, and a record whenever 2 seconds have passed since the last line.
     pub verbose: bool,
-    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output.
+    /// A time budget and autosaving for [`Ddpm::train`] (none by default).
+    pub limits: crate::train::Limits,
+    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output, and the
+    /// parameters before the step (to undo a failed one).
     input: Vec<f32>,
     eps: Vec<f32>,
     dout: Vec<f32>,
+    keep: Vec<f32>,
 }
 
 impl Ddpm {
@@ -545,9 +560,11 @@ impl Ddpm {
             history: vec![],
             step_losses: vec![],
             verbose: true,
+            limits: Default::default(),
             input: vec![],
             eps: vec![],
             dout: vec![],
+            keep: vec![],
         })
     }
 
@@ -571,6 +588,19 @@ impl Ddpm {
     /// Its noise schedule.
     pub fn schedule(&self) -> &NoiseSchedule {
         &self.schedule
+    }
+
+    /// Changes the learning rate (the denoiser keeps its Adam moments): to go on with smaller
+    /// steps after a divergence.
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        let config = DdpmConfig {
+            lr,
+            ..self.config.clone()
+        };
+        config.validate()?;
+        self.denoiser.set_adam(config.adam())?;
+        self.config = config;
+        Ok(())
     }
 
     /// The denoiser network ε_θ.
@@ -645,18 +675,59 @@ impl Ddpm {
         Ok(loss)
     }
 
+    /// One training step on a fresh batch that either completes or leaves the DDPM as it was
+    /// before it (parameters, step count, the random stream; Adam's moments where finite): a
+    /// step that fails (an error, a panicking thread) or makes a parameter NaN or infinite is
+    /// undone, so the next `train` continues exactly as the DDPM's checkpoint would.
+    fn guarded_step(&mut self, team: &Team) -> Result<f64> {
+        let rng = self.rng.clone();
+        let steps = self.denoiser.steps();
+        self.keep.clear();
+        self.keep.extend_from_slice(self.denoiser.parameters());
+        self.load_batch();
+        let result =
+            self.step(team, Update::Adam)
+                .and_then(|loss| match self.denoiser.first_non_finite() {
+                    None => Ok(loss),
+                    Some((i, value)) => Err(Error::Diverged {
+                        step: steps,
+                        loss: value,
+                        fix: format!(
+                        "The update at step {steps} made the denoiser's parameter {i} {value}; \
+                         it was undone, so the DDPM keeps its parameters from before that step. \
+                         Lower the learning rate (now {:e}; W3 uses 1e-3).",
+                        self.config.lr
+                    ),
+                    }),
+                });
+        if result.is_err() {
+            self.rng = rng;
+            self.denoiser.rewind(&self.keep, steps)?;
+        }
+        result
+    }
+
     /// Trains `iters` more steps, recording the mean loss every [`RECORD_EVERY`] steps and
-    /// printing progress.
+    /// printing progress. [`Ddpm::limits`] can give the call a time budget and autosave it.
     pub fn train(&mut self, iters: usize) -> Result<&[StepRecord]> {
         let start = self.history.len();
+        let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
         let _ftz = crate::mlp::FlushDenormals::new();
         let clock = std::time::Instant::now();
         let mut last_print: Option<std::time::Instant> = None;
         let mut sum = 0.0;
         for i in 0..iters {
-            self.load_batch();
-            let loss = self.step(&team, Update::Adam)?;
+            if watch.out_of_time() {
+                if self.verbose {
+                    println!(
+                        "time budget reached after {i} of {iters} steps ({:.1} s): call train again to go on",
+                        watch.seconds()
+                    );
+                }
+                break;
+            }
+            let loss = self.guarded_step(&team)?;
             self.step_losses.push(loss);
             sum += loss;
             let done = self.steps_done();
@@ -681,7 +752,9 @@ impl Ddpm {
                 }
                 self.history.push(record);
             }
+            watch.autosave(false, |path| self.save(path))?;
         }
+        watch.autosave(true, |path| self.save(path))?;
         Ok(&self.history[start..])
     }
 
@@ -691,8 +764,7 @@ impl Ddpm {
         let team = Team::default_size();
         let _ftz = crate::mlp::FlushDenormals::new();
         for _ in 0..iters {
-            self.load_batch();
-            let loss = self.step(&team, Update::Adam)?;
+            let loss = self.guarded_step(&team)?;
             self.step_losses.push(loss);
         }
         Ok(())
@@ -966,7 +1038,8 @@ impl Ddpm {
             path: path.to_path_buf(),
             message,
         };
-        let mut ddpm = Ddpm::new(c.config, &c.data, c.dim)?;
+        let mut ddpm = Ddpm::new(c.config, &c.data, c.dim)
+            .map_err(|e| bad(format!("its config or data is invalid ({e})")))?;
         let got = c.denoiser.widths();
         let want = ddpm.config.widths(ddpm.dim);
         if got != want {
@@ -975,6 +1048,17 @@ impl Ddpm {
             )));
         }
         ddpm.denoiser = Mlp::from_state(c.denoiser).map_err(|e| bad(e.to_string()))?;
+        // The step count says how far to replay the random stream: it must agree with the
+        // losses recorded (an edited count would otherwise replay for hours).
+        let steps = ddpm.denoiser.steps();
+        let recorded = c.history.last().map_or(0, |r| r.step);
+        if c.step_losses.len() != steps || recorded > steps {
+            return Err(bad(format!(
+                "its counts disagree (denoiser steps {steps}, step losses {}, last record at \
+                 step {recorded}): the checkpoint was edited or damaged",
+                c.step_losses.len()
+            )));
+        }
         // Continue the random stream where it would be after as many steps.
         for _ in 0..ddpm.denoiser.steps() {
             ddpm.load_batch();
@@ -1051,6 +1135,18 @@ fn check_rows(what: &str, values: &[f32], width: usize) -> Result<()> {
             format!("{} values", values.len()),
         ));
     }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::param(
+            what,
+            format!(
+                "{} at index {i} (row {}, column {})",
+                values[i],
+                i / width,
+                i % width
+            ),
+            format!("every value must be a finite number (rows of {width} values)"),
+        ));
+    }
     Ok(())
 }
 
@@ -1061,4 +1157,44 @@ fn strip_embedding(input: &[f32], d: usize, e: usize) -> Vec<f32> {
         .flat_map(|r| &r[..d])
         .copied()
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A training thread that panics in the middle of a step: `train` returns an error instead
+    /// of hanging or aborting, the step is undone (parameters, step count, random stream), and
+    /// the DDPM trains on exactly as its checkpoint does.
+    #[test]
+    fn a_panicking_training_thread_is_an_error_and_the_ddpm_stays_consistent() {
+        let data = crate::data::swiss_roll(200, 0.05, 0).xy;
+        let config = DdpmConfig {
+            hidden: vec![100, 100],
+            embedding: 8,
+            batch_size: 32,
+            ..DdpmConfig::toy_2d()
+        };
+        let mut a = Ddpm::points(config, &data).unwrap();
+        a.verbose = false;
+        a.train(5).unwrap();
+        let before = a.denoiser.parameters().to_vec();
+        a.denoiser.fault = Some(1);
+        let err = a.train(5).unwrap_err();
+        assert!(err.to_string().contains("training thread"), "{err}");
+        assert_eq!(a.steps_done(), 5);
+        assert_eq!(a.denoiser.parameters(), &before[..]);
+        let path = std::env::temp_dir().join(format!(
+            "genlab-ddpm-after-panic-{}.json",
+            std::process::id()
+        ));
+        a.save(&path).unwrap();
+        let mut b = Ddpm::load(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        b.verbose = false;
+        a.train(10).unwrap();
+        b.train(10).unwrap();
+        assert_eq!(a.step_losses, b.step_losses);
+        assert_eq!(a.denoiser.parameters(), b.denoiser.parameters());
+    }
 }

@@ -54,6 +54,8 @@ pub const MAX_HIDDEN: usize = 4096;
 pub const MAX_DEPTH: usize = 8;
 /// Largest latent size.
 pub const MAX_LATENT: usize = 512;
+/// Most iterations a config may ask for (a guard against typos).
+pub const MAX_ITERATIONS: usize = 100_000_000;
 /// Largest PacGAN pack.
 pub const MAX_PACK: usize = 16;
 
@@ -159,6 +161,12 @@ impl GanConfig {
                 other => other,
             })?;
         }
+        ensure(
+            self.iterations <= MAX_ITERATIONS,
+            "iterations",
+            self.iterations,
+            &format!("use at most {MAX_ITERATIONS} iterations, e.g. 5000"),
+        )?;
         ensure(
             (1..=100).contains(&self.d_steps),
             "d_steps",
@@ -298,10 +306,10 @@ impl GanData {
     fn validate(&self) -> Result<()> {
         match self {
             GanData::Ring8 { std } => ensure(
-                *std > 0.0 && std.is_finite(),
+                *std > 0.0 && *std <= 1e3,
                 "std",
                 std,
-                "use a positive standard deviation, e.g. 0.02",
+                "use a standard deviation between 0 (excluded) and 1e3, e.g. 0.02",
             ),
             GanData::Mixture1d {
                 weights,
@@ -446,6 +454,18 @@ pub fn ring_metrics(samples: &[f32]) -> Result<RingMetrics> {
             format!("{} values", samples.len()),
         ));
     }
+    if let Some(i) = samples.iter().position(|v| !v.is_finite()) {
+        return Err(Error::param(
+            "ring_metrics",
+            format!(
+                "{} at index {i} (row {}, column {})",
+                samples[i],
+                i / 2,
+                i % 2
+            ),
+            "every value must be a finite number (rows of 2 values)",
+        ));
+    }
     let centres = ring_centres();
     let mut per_centre = [0usize; 8];
     let mut hq = 0usize;
@@ -539,6 +559,9 @@ pub struct Gan {
     pub verbose: bool,
     /// How often to record the ring metrics (0 = never); 250 by default.
     pub metrics_every: usize,
+    /// A time budget for [`Gan::train`] (none by default). The GAN has no checkpoints, so
+    /// `limits.autosave` must stay `None`.
+    pub limits: crate::train::Limits,
     /// A step's buffers: [real; fake] for D, z, G's output, ∂logits, targets, ∂G(z), and the
     /// parameters before an update (restored if the update is not finite).
     x: Vec<f32>,
@@ -580,6 +603,7 @@ impl Gan {
             ring_history: vec![],
             verbose: true,
             metrics_every: 250,
+            limits: Default::default(),
             x: vec![],
             z: vec![],
             fake: vec![],
@@ -662,6 +686,10 @@ impl Gan {
     /// One discriminator step: push D(x) → 1 on real data and D(G(z)) → 0 on fakes, G only
     /// read. Returns (L_D, mean D(x), mean D(G(z))).
     pub fn d_step(&mut self, team: &Team, iteration: usize) -> Result<(f64, f64, f64)> {
+        self.guarded(Net::D, |gan| gan.d_step_inner(team, iteration))
+    }
+
+    fn d_step_inner(&mut self, team: &Team, iteration: usize) -> Result<(f64, f64, f64)> {
         self.size_buffers();
         let (b, dim) = (self.config.batch_size, self.data.dim());
         let rows = b / self.config.pack;
@@ -680,8 +708,6 @@ impl Gan {
         let (d_real, d_fake) = (mean_sigmoid(&logits[..rows]), mean_sigmoid(&logits[rows..]));
         self.check_loss(Net::D, iteration, loss)?;
         // Backward through D, Adam fused in
-        self.keep.clear();
-        self.keep.extend_from_slice(self.d.parameters());
         self.d.backward(team, &self.dlogits, Update::Adam)?;
         self.check_update(Net::D, iteration)?;
         Ok((loss, d_real, d_fake))
@@ -690,6 +716,35 @@ impl Gan {
     /// One generator step on fresh z: push D(G(z)) toward "real" through a frozen D. Returns
     /// the generator's loss (non-saturating −mean log D(G(z)), or minimax mean log(1 − D(G(z)))).
     pub fn g_step(&mut self, team: &Team, iteration: usize) -> Result<f64> {
+        self.guarded(Net::G, |gan| gan.g_step_inner(team, iteration))
+    }
+
+    /// Runs a D or G step that either completes or leaves the GAN as it was before it
+    /// (parameters, step counts, the random stream; Adam's moments where finite): a step that
+    /// fails (an error, a panicking thread, a non-finite loss) or makes a parameter NaN or
+    /// infinite is undone.
+    fn guarded<T>(&mut self, net: Net, step: impl FnOnce(&mut Gan) -> Result<T>) -> Result<T> {
+        let rng = self.rng.clone();
+        let mlp = match net {
+            Net::D => &self.d,
+            Net::G => &self.g,
+        };
+        let steps = mlp.steps();
+        self.keep.clear();
+        self.keep.extend_from_slice(mlp.parameters());
+        let result = step(self);
+        if result.is_err() {
+            self.rng = rng;
+            let mlp = match net {
+                Net::D => &mut self.d,
+                Net::G => &mut self.g,
+            };
+            mlp.rewind(&self.keep, steps)?;
+        }
+        result
+    }
+
+    fn g_step_inner(&mut self, team: &Team, iteration: usize) -> Result<f64> {
         self.size_buffers();
         let rows = self.config.batch_size / self.config.pack;
         // fake = G(z), keeping what G's backward needs
@@ -719,8 +774,6 @@ impl Gan {
             .backward_with_input(team, &self.dlogits[..rows], Update::None)?;
         output_backward(self.config.output, &self.fake, dx, &mut self.dfake);
         // Backward through G, Adam fused in
-        self.keep.clear();
-        self.keep.extend_from_slice(self.g.parameters());
         self.g.backward(team, &self.dfake, Update::Adam)?;
         self.check_update(Net::G, iteration)?;
         Ok(loss)
@@ -746,27 +799,16 @@ impl Gan {
         })
     }
 
-    /// After an update: if a parameter stopped being finite (an overflowing step), put the
-    /// network back as it was before the update (its Adam moments reset) and report it.
-    fn check_update(&mut self, net: Net, iteration: usize) -> Result<()> {
-        let (which, lr) = match net {
-            Net::D => ("d_lr", self.config.d_lr),
-            Net::G => ("g_lr", self.config.g_lr),
+    /// After an update: an error if a parameter stopped being finite (an overflowing step);
+    /// [`Gan::guarded`] then puts the network back as it was before the update.
+    fn check_update(&self, net: Net, iteration: usize) -> Result<()> {
+        let (which, lr, mlp) = match net {
+            Net::D => ("d_lr", self.config.d_lr, &self.d),
+            Net::G => ("g_lr", self.config.g_lr, &self.g),
         };
-        let mlp = match net {
-            Net::D => &mut self.d,
-            Net::G => &mut self.g,
+        let Some((_, value)) = mlp.first_non_finite() else {
+            return Ok(());
         };
-        let bad = mlp.parameters().iter().position(|p| !p.is_finite());
-        let Some(i) = bad else { return Ok(()) };
-        let value = mlp.parameters()[i];
-        let mut state = mlp.state();
-        state.parameters = self.keep.clone();
-        if state.m.iter().chain(&state.v).any(|v| !v.is_finite()) {
-            state.m.iter_mut().for_each(|v| *v = 0.0);
-            state.v.iter_mut().for_each(|v| *v = 0.0);
-        }
-        *mlp = Mlp::from_state(state)?;
         Err(Error::Diverged {
             step: iteration,
             loss: value,
@@ -782,11 +824,28 @@ impl Gan {
     /// each and printing progress.
     pub fn train(&mut self, iterations: usize) -> Result<&[IterRecord]> {
         let start = self.history.len();
+        if let Some(a) = &self.limits.autosave {
+            return Err(Error::param(
+                "limits.autosave",
+                a.path.display(),
+                "the GAN has no checkpoints yet: leave autosave at None (a time budget works)",
+            ));
+        }
+        let watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
         let _ftz = FlushDenormals::new();
         let clock = std::time::Instant::now();
         let mut last_print: Option<std::time::Instant> = None;
         for i in 0..iterations {
+            if watch.out_of_time() {
+                if self.verbose {
+                    println!(
+                        "time budget reached after {i} of {iterations} iterations ({:.1} s): call train again to go on",
+                        watch.seconds()
+                    );
+                }
+                break;
+            }
             let iteration = self.history.len() + 1;
             let mut d = (f64::NAN, f64::NAN, f64::NAN);
             for _ in 0..self.config.d_steps {
@@ -865,6 +924,18 @@ impl Gan {
                 "Gan::discriminate",
                 format!("rows of {dim} values (at least one)"),
                 format!("{} values", x.len()),
+            ));
+        }
+        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
+            return Err(Error::param(
+                "Gan::discriminate",
+                format!(
+                    "{} at index {i} (row {}, column {})",
+                    x[i],
+                    i / dim,
+                    i % dim
+                ),
+                format!("every value must be a finite number (rows of {dim} values)"),
             ));
         }
         let m = self.config.pack;

@@ -36,7 +36,8 @@ impl AdamSettings {
             self.lr > 0.0 && self.lr.is_finite(),
             "lr",
             self.lr,
-            "the learning rate must be positive; 1e-3 is a good start for Adam",
+            "the learning rate must be a positive finite number; 1e-3 is a good start for Adam \
+             (a huge one is allowed, to see training diverge: that stops with an error)",
         )?;
         for (name, beta) in [("beta1", self.beta1), ("beta2", self.beta2)] {
             crate::error::ensure(
@@ -47,10 +48,10 @@ impl AdamSettings {
             )?;
         }
         crate::error::ensure(
-            self.eps > 0.0,
+            self.eps > 0.0 && self.eps <= 1.0,
             "eps",
             self.eps,
-            "use a small positive ε, e.g. 1e-8",
+            "use a small positive ε (at most 1), e.g. 1e-8",
         )
     }
 }

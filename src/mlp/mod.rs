@@ -189,6 +189,10 @@ pub struct Mlp {
     dinput: Vec<f32>,
     /// hₗ packed as the B operand of ∂Wₗ = ∂aₗᵀ · hₗ.
     packed_in: Vec<Vec<f32>>,
+    /// Tests only: the weight-update task (an index into `blocks`) that panics at the next
+    /// update, after updating its rows and before repacking them.
+    #[cfg(test)]
+    pub(crate) fault: Option<usize>,
 }
 
 /// What a checkpoint stores of a network: its layers, parameters and Adam's state.
@@ -308,6 +312,8 @@ impl Mlp {
             chunks: vec![],
             ready: false,
             dinput: vec![],
+            #[cfg(test)]
+            fault: None,
         }
     }
 
@@ -416,11 +422,50 @@ impl Mlp {
         Ok(net)
     }
 
+    /// Undoes updates: puts back the parameters `kept` (as [`Mlp::parameters`] gave them
+    /// before) and the step count `steps`. Adam's moments are kept where finite and reset to 0
+    /// where an update made them NaN or infinite. For a trainer whose step failed or went
+    /// non-finite: the network is then exactly what a checkpoint of it would load as.
+    pub fn rewind(&mut self, kept: &[f32], steps: usize) -> Result<()> {
+        check_len("Mlp::rewind", self.theta.len(), kept.len())?;
+        check_finite("kept parameters", kept)?;
+        ensure(
+            steps <= self.steps,
+            "steps",
+            steps,
+            &format!(
+                "rewind to a step count at most the current one ({})",
+                self.steps
+            ),
+        )?;
+        let (mut m, mut v) = (std::mem::take(&mut self.m), std::mem::take(&mut self.v));
+        for (m, v) in m.iter_mut().zip(v.iter_mut()) {
+            if !m.is_finite() || !v.is_finite() {
+                (*m, *v) = (0.0, 0.0);
+            }
+        }
+        self.restore_parts(kept.to_vec(), m, v, steps);
+        Ok(())
+    }
+
+    /// The index and value of the first parameter that is NaN or infinite, if any.
+    pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        self.theta
+            .iter()
+            .position(|p| !p.is_finite())
+            .map(|i| (i, self.theta[i]))
+    }
+
     fn restore_parts(&mut self, theta: Vec<f32>, m: Vec<f32>, v: Vec<f32>, steps: usize) {
         self.theta = theta;
         self.m = m;
         self.v = v;
         self.steps = steps;
+        self.repack();
+    }
+
+    /// Packs every layer's W from θ into both packed copies.
+    fn repack(&mut self) {
         self.ready = false;
         for (li, d) in self.layers.iter().enumerate() {
             let w = &self.theta[d.at..d.bias()];
@@ -627,17 +672,33 @@ impl Mlp {
             _ => None,
         };
         let blocks = &self.blocks;
-        team.run(blocks.len(), &|i| {
+        #[cfg(test)]
+        let sh = Shared {
+            fault: self
+                .fault
+                .take()
+                .and_then(|i| blocks.get(i))
+                .map(|b| (b.0, b.1)),
+            ..sh
+        };
+        let done = team.run(blocks.len(), &|i| {
             let (li, r0, r1) = blocks[i];
             // SAFETY: block i alone touches rows r0..r1 of layer li's W, b, m, v, their packed
             // copies and the gradient buffer; ∂a and the packed inputs are complete (stretch 1
             // and the forward pass) and only read.
             unsafe { update_block(&sh, layers[li], li, (r0, r1), rows, adam, grads) };
-        })?;
+        });
         if adam.is_some() {
+            // Every task that ran used step t = steps + 1 for its moments, so the step counts
+            // even when a task failed (the others still ran).
             self.steps += 1;
         }
-        Ok(())
+        if done.is_err() {
+            // A failed task may have updated its rows without repacking them: make the packed
+            // copies match θ again, so the network is what `from_state(state())` would build.
+            self.repack();
+        }
+        done
     }
 }
 
@@ -753,6 +814,10 @@ unsafe fn update_block(
                 );
                 let [tb, mb, vb] = bias;
                 adam_update(step, tb, mb, vb, db);
+                #[cfg(test)]
+                if sh.fault == Some((li, r0)) {
+                    panic!("injected failure between the update of layer {li}'s rows {r0}.. and their repacking");
+                }
                 // SAFETY: as above (the rows were just updated by this task); the packed
                 // copies' entries of these rows are this task's alone (pack_weight_rows'
                 // contract), and fwd/bwd have the layer's packed sizes.
@@ -907,6 +972,9 @@ struct Shared {
     da: Vec<Raw>,
     dinput: Raw,
     packed_in: Vec<Raw>,
+    /// Tests only: the block (layer, first row) that panics after its update.
+    #[cfg(test)]
+    fault: Option<(usize, usize)>,
 }
 
 impl Shared {
@@ -922,6 +990,8 @@ impl Shared {
             da: raws(&mut net.da),
             dinput: Raw::of(&mut net.dinput),
             packed_in: raws(&mut net.packed_in),
+            #[cfg(test)]
+            fault: None,
         }
     }
 }
@@ -1020,6 +1090,83 @@ mod tests {
                 .count();
             assert_eq!(moved, g.iter().filter(|v| **v != 0.0).count());
         }
+    }
+
+    /// A weight-update task that panics between updating its rows and repacking them:
+    /// `backward` returns an error, the step counts (the other tasks ran with t = steps + 1),
+    /// the packed copies match θ again, and the network trains on exactly as one rebuilt from
+    /// its checkpoint state.
+    #[test]
+    fn a_failed_update_leaves_a_consistent_network() {
+        let team = Team::new(2);
+        let x: Vec<f32> = (0..5 * 3)
+            .map(|i| ((i * 7) % 11) as f32 / 5.0 - 1.0)
+            .collect();
+        let r: Vec<f32> = (0..5 * 2)
+            .map(|i| ((i * 5) % 7) as f32 / 3.0 - 1.0)
+            .collect();
+        // 70 rows in the first layer: two weight-update blocks there.
+        let mut net = Mlp::new(&[3, 70, 2], Activation::Relu, AdamSettings::default(), 1).unwrap();
+        net.forward(&team, &x).unwrap();
+        net.backward(&team, &r, Update::Adam).unwrap();
+        let block = net.blocks.iter().position(|b| b.0 == 0).unwrap();
+        net.fault = Some(block);
+        net.forward(&team, &x).unwrap();
+        assert!(net.backward(&team, &r, Update::Adam).is_err());
+        assert_eq!(net.steps(), 2);
+        let mut fresh = Mlp::from_state(net.state()).unwrap();
+        for _ in 0..3 {
+            for n in [&mut net, &mut fresh] {
+                n.forward(&team, &x).unwrap();
+                n.backward(&team, &r, Update::Adam).unwrap();
+            }
+            let (a, b) = (net.state(), fresh.state());
+            assert_eq!(a.steps, b.steps);
+            for (a, b) in [(a.parameters, b.parameters), (a.m, b.m), (a.v, b.v)] {
+                assert!(same(&a, &b));
+            }
+        }
+        let (a, b) = (net.predict(&team, &x), fresh.predict(&team, &x));
+        assert!(same(&a.unwrap(), &b.unwrap()));
+    }
+
+    /// Equal, or within float noise under Miri (which perturbs sqrt and powi on purpose); a
+    /// stale packed weight would be off by a whole Adam step (~1e-3).
+    fn same(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|(x, y)| {
+                if cfg!(miri) {
+                    (x - y).abs() <= 1e-5 * (1.0 + x.abs())
+                } else {
+                    x == y
+                }
+            })
+    }
+
+    /// `rewind` puts back parameters and the step count, and zeroes only non-finite moments.
+    #[test]
+    fn rewind_restores_parameters_and_steps() {
+        let team = Team::new(1);
+        let x = [0.5f32, -0.25, 1.0];
+        let mut net = Mlp::new(&[3, 4, 1], Activation::Relu, AdamSettings::default(), 2).unwrap();
+        let kept = net.parameters().to_vec();
+        net.forward(&team, &x).unwrap();
+        net.backward(&team, &[1.0], Update::Adam).unwrap();
+        assert_ne!(net.parameters(), &kept[..]);
+        let m_after = net.state().m;
+        net.m[0] = f32::NAN;
+        net.rewind(&kept, 0).unwrap();
+        let s = net.state();
+        assert_eq!((s.parameters, s.steps), (kept.clone(), 0));
+        assert_eq!((s.m[0], s.v[0]), (0.0, 0.0));
+        assert_eq!(s.m[1..], m_after[1..]);
+        let rebuilt = Mlp::from_state(net.state()).unwrap();
+        assert!(same(
+            &net.predict(&team, &x).unwrap(),
+            &rebuilt.predict(&team, &x).unwrap()
+        ));
+        assert!(net.rewind(&kept, 1).is_err(), "cannot rewind forward");
+        assert!(net.rewind(&kept[1..], 0).is_err());
     }
 
     #[test]

@@ -353,6 +353,24 @@ mod tests {
         assert_eq!(done.load(Ordering::Relaxed), 11);
     }
 
+    /// After a panicking task the team still ends: dropping it joins the helper (no thread is
+    /// left spinning), within a deadline rather than never.
+    #[test]
+    fn a_team_ends_after_a_panicking_task() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = std::thread::spawn(move || {
+            let team = Team::new(2);
+            let failed = team.run(6, &|i| assert!(i != 4, "task 4 fails on purpose"));
+            let helper = team.threads() == 2;
+            drop(team);
+            let _ = tx.send((failed.is_err(), helper));
+        });
+        let deadline = Duration::from_secs(if cfg!(miri) { 600 } else { 20 });
+        let (failed, _) = rx.recv_timeout(deadline).expect("the team did not end");
+        assert!(failed);
+        owner.join().unwrap();
+    }
+
     #[test]
     fn a_sleeping_helper_wakes_for_the_next_call() {
         let team = Team::new(2);

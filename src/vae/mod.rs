@@ -60,6 +60,11 @@ pub const MAX_HIDDEN: usize = 4096;
 /// Largest latent size.
 pub const MAX_LATENT: usize = 512;
 
+/// Largest KL weight β.
+pub const MAX_BETA: f64 = 1e6;
+/// Most epochs a config may ask for (a guard against typos).
+pub const MAX_EPOCHS: usize = 1_000_000;
+
 /// The VAE's hyperparameters. `Default` is workload W1.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct VaeConfig {
@@ -113,10 +118,12 @@ impl VaeConfig {
             &format!("use a latent size between 1 and {MAX_LATENT}, e.g. 8 (2 to plot it)"),
         )?;
         ensure(
-            self.beta >= 0.0 && self.beta.is_finite(),
+            (0.0..=MAX_BETA).contains(&self.beta),
             "beta",
             self.beta,
-            "β weighs the KL term: use a number ≥ 0, 1 for the plain VAE",
+            &format!(
+                "β weighs the KL term: use a number from 0 to {MAX_BETA:e}, 1 for the plain VAE"
+            ),
         )?;
         ensure(
             (1..=1497).contains(&self.batch_size),
@@ -124,12 +131,18 @@ impl VaeConfig {
             self.batch_size,
             "use a batch size between 1 and 1497 (the training images), e.g. 100",
         )?;
+        ensure(
+            self.epochs <= MAX_EPOCHS,
+            "epochs",
+            self.epochs,
+            &format!("use at most {MAX_EPOCHS} epochs, e.g. 100"),
+        )?;
         if let Likelihood::Gaussian { std } = self.likelihood {
             ensure(
-                std > 0.0 && std.is_finite(),
+                std > 0.0 && std <= 1e6,
                 "likelihood.std",
                 std,
-                "use a positive σ, e.g. 0.1",
+                "use a σ between 0 (excluded) and 1e6, e.g. 0.1",
             )?;
         }
         self.adam().validate()
@@ -183,6 +196,12 @@ pub struct Vae {
     data: Digits,
     /// Passes over the training set done (with or without a history record).
     epochs_trained: usize,
+    /// Passes begun (each draws a shuffle): more than `epochs_trained` when an epoch stopped
+    /// on an error.
+    epochs_started: usize,
+    /// A time budget and autosaving for [`Vae::train`] (none by default); autosaves happen
+    /// between epochs.
+    pub limits: crate::train::Limits,
     /// One record per epoch trained with [`Vae::train`].
     pub history: Vec<EpochRecord>,
     /// The loss of every minibatch step.
@@ -196,6 +215,8 @@ pub struct Vae {
     z: Vec<f32>,
     dy: Vec<f32>,
     d_enc: Vec<f32>,
+    /// Both networks' parameters before the current step, to undo a failed one.
+    keep: [Vec<f32>; 2],
 }
 
 impl Vae {
@@ -231,6 +252,8 @@ impl Vae {
             config,
             data,
             epochs_trained: 0,
+            epochs_started: 0,
+            limits: Default::default(),
             history: vec![],
             step_losses: vec![],
             verbose: true,
@@ -239,6 +262,7 @@ impl Vae {
             z: vec![],
             dy: vec![],
             d_enc: vec![],
+            keep: [vec![], vec![]],
         })
     }
 
@@ -255,6 +279,17 @@ impl Vae {
     /// Epochs trained so far with [`Vae::train`] (one history record each).
     pub fn epochs_done(&self) -> usize {
         self.history.len()
+    }
+
+    /// Changes the learning rate of both networks (each keeps its Adam moments): to go on
+    /// with smaller steps after a divergence.
+    pub fn set_learning_rate(&mut self, lr: f64) -> Result<()> {
+        let config = VaeConfig { lr, ..self.config };
+        config.validate()?;
+        self.encoder.set_adam(config.adam())?;
+        self.decoder.set_adam(config.adam())?;
+        self.config = config;
+        Ok(())
     }
 
     /// The encoder network (64 → H → H → 2L).
@@ -316,6 +351,48 @@ impl Vae {
         Ok((loss, rec / b as f64, kl / b as f64))
     }
 
+    /// One training step on `batch` that either completes or leaves the VAE as it was before
+    /// it (parameters, step counts, the noise stream; Adam's moments where finite): a step
+    /// that fails (an error, a panicking thread) or makes a parameter NaN or infinite is
+    /// undone, so the next `train` continues exactly as the VAE's checkpoint would.
+    fn guarded_step(&mut self, team: &Team, batch: &[usize]) -> Result<StepParts> {
+        let noise = self.noise_rng.clone();
+        let steps = (self.encoder.steps(), self.decoder.steps());
+        self.keep[0].clear();
+        self.keep[0].extend_from_slice(self.encoder.parameters());
+        self.keep[1].clear();
+        self.keep[1].extend_from_slice(self.decoder.parameters());
+        let result = self.load_batch(batch).and_then(|()| {
+            let parts = self.step(team, Update::Adam, Update::Adam)?;
+            let bad = (self.encoder.first_non_finite())
+                .map(|(i, v)| ("encoder", i, v))
+                .or_else(|| {
+                    self.decoder
+                        .first_non_finite()
+                        .map(|(i, v)| ("decoder", i, v))
+                });
+            match bad {
+                None => Ok(parts),
+                Some((net, i, value)) => Err(Error::Diverged {
+                    step: steps.0,
+                    loss: value,
+                    fix: format!(
+                        "The update at step {} made the {net}'s parameter {i} {value}; it was \
+                         undone, so the VAE keeps its parameters from before that step. Lower \
+                         the learning rate (now {:e}; W1 uses 1e-3).",
+                        steps.0, self.config.lr
+                    ),
+                }),
+            }
+        });
+        if result.is_err() {
+            self.noise_rng = noise;
+            self.encoder.rewind(&self.keep[0], steps.0)?;
+            self.decoder.rewind(&self.keep[1], steps.1)?;
+        }
+        result
+    }
+
     /// Gathers minibatch `batch` into `self.x` and draws its ε.
     fn load_batch(&mut self, batch: &[usize]) -> Result<()> {
         let (b, l) = (batch.len(), self.config.latent);
@@ -336,10 +413,10 @@ impl Vae {
     /// One pass over the training set on `team`; returns the means of its steps' parts.
     fn epoch(&mut self, team: &Team) -> Result<StepParts> {
         let batches: Vec<Vec<usize>> = self.batches.epoch().collect();
+        self.epochs_started += 1;
         let mut sums = (0.0, 0.0, 0.0);
         for batch in &batches {
-            self.load_batch(batch)?;
-            let (loss, rec, kl) = self.step(team, Update::Adam, Update::Adam)?;
+            let (loss, rec, kl) = self.guarded_step(team, batch)?;
             self.step_losses.push(loss);
             sums = (sums.0 + loss, sums.1 + rec, sums.2 + kl);
         }
@@ -351,10 +428,20 @@ impl Vae {
     /// Trains `epochs` more epochs (reshuffled each epoch), recording and printing each.
     pub fn train(&mut self, epochs: usize) -> Result<&[EpochRecord]> {
         let start = self.history.len();
+        let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
         let _ftz = crate::mlp::FlushDenormals::new();
         let mut last_print: Option<std::time::Instant> = None;
         for e in 0..epochs {
+            if watch.out_of_time() {
+                if self.verbose {
+                    println!(
+                        "time budget reached after {e} of {epochs} epochs ({:.1} s): call train again to go on",
+                        watch.seconds()
+                    );
+                }
+                break;
+            }
             let clock = std::time::Instant::now();
             let (loss, rec, kl) = self.epoch(&team)?;
             let test = self.evaluate(&team, 10)?;
@@ -381,7 +468,9 @@ impl Vae {
                 );
             }
             self.history.push(record);
+            watch.autosave(false, |path| self.save(path))?;
         }
+        watch.autosave(true, |path| self.save(path))?;
         Ok(&self.history[start..])
     }
 
@@ -571,6 +660,7 @@ impl Vae {
             encoder: self.encoder.state(),
             decoder: self.decoder.state(),
             epochs_trained: self.epochs_trained,
+            epochs_started: Some(self.epochs_started),
             history: self.history.clone(),
             step_losses: self.step_losses.clone(),
         };
@@ -586,7 +676,8 @@ impl Vae {
             path: path.to_path_buf(),
             message,
         };
-        let mut vae = Vae::new(checkpoint.config)?;
+        let mut vae =
+            Vae::new(checkpoint.config).map_err(|e| bad(format!("its config is invalid ({e})")))?;
         for (name, state, widths) in [
             (
                 "encoder",
@@ -608,17 +699,42 @@ impl Vae {
         }
         vae.encoder = Mlp::from_state(checkpoint.encoder).map_err(|e| bad(e.to_string()))?;
         vae.decoder = Mlp::from_state(checkpoint.decoder).map_err(|e| bad(e.to_string()))?;
-        // Continue the shuffling and the noise where they would be after as many epochs.
+        // The counts must agree with each other before they say how far to replay the streams
+        // (an edited count would otherwise replay for hours, or resume from the wrong place).
         let per_epoch = vae.batches.per_epoch();
-        for _ in 0..checkpoint.epochs_trained {
+        let steps = vae.encoder.steps();
+        let started = checkpoint
+            .epochs_started
+            .unwrap_or(checkpoint.epochs_trained);
+        let consistent = vae.decoder.steps() == steps
+            && checkpoint.step_losses.len() == steps
+            && checkpoint.history.len() <= checkpoint.epochs_trained
+            && (checkpoint.epochs_trained.checked_mul(per_epoch)).is_some_and(|n| n <= steps)
+            && started >= checkpoint.epochs_trained
+            && started - checkpoint.epochs_trained <= 1000
+            && started.checked_mul(per_epoch).is_none_or(|n| n >= steps);
+        if !consistent {
+            return Err(bad(format!(
+                "its counts disagree (encoder steps {steps}, decoder steps {}, step losses {}, \
+                 epochs trained {}, begun {started}, history {}, {per_epoch} steps an epoch): \
+                 the checkpoint was edited or damaged",
+                vae.decoder.steps(),
+                checkpoint.step_losses.len(),
+                checkpoint.epochs_trained,
+                checkpoint.history.len()
+            )));
+        }
+        // Continue the shuffling and the noise where training left them: one shuffle per
+        // epoch begun, one batch of ε per step taken.
+        for _ in 0..started {
             vae.batches.epoch().for_each(drop);
         }
-        let draws =
-            checkpoint.epochs_trained * per_epoch * vae.config.batch_size * vae.config.latent;
+        let draws = steps * vae.config.batch_size * vae.config.latent;
         for _ in 0..draws {
             let _: f32 = StandardNormal.sample(&mut vae.noise_rng);
         }
         vae.epochs_trained = checkpoint.epochs_trained;
+        vae.epochs_started = started;
         vae.history = checkpoint.history;
         vae.step_losses = checkpoint.step_losses;
         Ok(vae)
@@ -632,6 +748,9 @@ struct Checkpoint {
     encoder: MlpState,
     decoder: MlpState,
     epochs_trained: usize,
+    /// Passes begun (absent in older checkpoints: every pass begun was completed).
+    #[serde(default)]
+    epochs_started: Option<usize>,
     history: Vec<EpochRecord>,
     step_losses: Vec<f64>,
 }
@@ -767,7 +886,7 @@ fn check_images(what: &str, values: &[f32], width: usize) -> Result<()> {
                 i / width,
                 i % width
             ),
-            "every value must be a finite number",
+            format!("every value must be a finite number (rows of {width} values)"),
         ));
     }
     Ok(())
@@ -867,6 +986,47 @@ mod tests {
         assert_eq!(vae.steps_done(), step);
         assert_eq!(vae.step_losses.len(), step);
         assert!(vae.parameters().unwrap().iter().all(|p| p.is_finite()));
+    }
+
+    /// A training thread that panics in the middle of a step (after some weight rows were
+    /// updated, before they were repacked), in either network: `train` returns an error
+    /// instead of hanging or aborting, the step is undone, and the VAE then trains on exactly
+    /// as its checkpoint does.
+    #[test]
+    fn a_panicking_training_thread_is_an_error_and_the_vae_stays_consistent() {
+        for encoder in [false, true] {
+            let mut vae = Vae::new(VaeConfig {
+                hidden: 100,
+                latent: 3,
+                ..VaeConfig::default()
+            })
+            .unwrap();
+            vae.verbose = false;
+            vae.train(1).unwrap();
+            let before = (vae.parameters().unwrap(), vae.steps_done());
+            let net = if encoder {
+                &mut vae.encoder
+            } else {
+                &mut vae.decoder
+            };
+            net.fault = Some(0);
+            let err = vae.train(1).unwrap_err();
+            assert!(err.to_string().contains("training thread"), "{err}");
+            assert_eq!((vae.parameters().unwrap(), vae.steps_done()), before);
+            assert_eq!(vae.decoder.steps(), vae.encoder.steps());
+            let path = std::env::temp_dir().join(format!(
+                "genlab-vae-after-panic-{encoder}-{}.json",
+                std::process::id()
+            ));
+            vae.save(&path).unwrap();
+            let mut loaded = Vae::load(&path).unwrap();
+            loaded.verbose = false;
+            vae.train(1).unwrap();
+            loaded.train(1).unwrap();
+            assert_eq!(vae.step_losses, loaded.step_losses);
+            assert_eq!(vae.parameters().unwrap(), loaded.parameters().unwrap());
+            let _ = std::fs::remove_file(&path);
+        }
     }
 
     /// Two threads and one give bit-identical training.
