@@ -148,6 +148,7 @@ fn vae_configs_are_ok_or_name_the_field() {
         any::<u64>(),
         prop_oneof![
             Just(Likelihood::Bernoulli),
+            Just(Likelihood::BinarisedBernoulli),
             real(0.05..1.0, &[0.0, 1e7]).prop_map(|std| Likelihood::Gaussian { std })
         ],
     );
@@ -177,7 +178,7 @@ fn vae_configs_are_ok_or_name_the_field() {
                         "likelihood.std",
                         match likelihood {
                             Likelihood::Gaussian { std } => std > 0.0 && std <= 1e6,
-                            Likelihood::Bernoulli => true,
+                            Likelihood::Bernoulli | Likelihood::BinarisedBernoulli => true,
                         },
                     ),
                 ] {
