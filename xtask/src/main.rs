@@ -145,31 +145,140 @@ fn setup_fonts() -> Result<()> {
     )
 }
 
+/// genlab's patch to the published evcxr and evcxr_jupyter sources: a cell's reply waits until
+/// its stdout and stderr have gone out (see the patch's header).
+const EVCXR_PATCH: &str = include_str!("../evcxr-0.22.0-genlab.patch");
+
+/// Installs `~/.cargo/bin/evcxr_jupyter` built from the published 0.22.0 sources with
+/// `EVCXR_PATCH` applied. The patched sources live in one per-user folder shared by every clone;
+/// a stamp there (the patch that was installed) makes the warm check cheap.
 fn setup_evcxr() -> Result<PathBuf> {
     let bin = cargo_bin().join("evcxr_jupyter");
-    // evcxr_jupyter has no --version; cargo's install list records what it installed.
+    let dir = cache_dir().join(format!("evcxr-{EVCXR_VERSION}-genlab"));
+    let jupyter = dir.join(format!("evcxr_jupyter-{EVCXR_VERSION}"));
+    let installed_stamp = dir.join("installed.patch");
+    // evcxr_jupyter has no --version; cargo's install list records what it installed and from
+    // where.
     let installed = output(Command::new("cargo").args(["install", "--list"])).unwrap_or_default();
-    if bin.is_file() && installed.contains(&format!("evcxr_jupyter v{EVCXR_VERSION}:")) {
+    let from_patched = format!("evcxr_jupyter v{EVCXR_VERSION} ({}):", jupyter.display());
+    if bin.is_file()
+        && installed.contains(&from_patched)
+        && std::fs::read_to_string(&installed_stamp).ok().as_deref() == Some(EVCXR_PATCH)
+    {
         return Ok(bin);
     }
     println!(
-        "[setup] installing evcxr_jupyter {EVCXR_VERSION} (a cold build takes about 10 minutes)"
+        "[setup] building evcxr_jupyter {EVCXR_VERSION} with genlab's patch in {} \
+         (a cold build takes about 10 minutes)",
+        dir.display()
     );
+    let applied_stamp = dir.join("applied.patch");
+    if std::fs::read_to_string(&applied_stamp).ok().as_deref() != Some(EVCXR_PATCH) {
+        patched_evcxr_sources(&dir)?;
+        std::fs::write(&applied_stamp, EVCXR_PATCH).map_err(|e| e.to_string())?;
+    }
     // opt-level 1 and no debug info halve the build (about 6 instead of 10 to 14 minutes on 2
     // cores) with the same cell latency (the kernel's own work is compiling and linking cells).
     status(
         Command::new("cargo")
-            .args([
-                "install",
-                "evcxr_jupyter",
-                "--version",
-                EVCXR_VERSION,
-                "--locked",
-            ])
+            .args(["install", "--locked", "--force", "--path"])
+            .arg(&jupyter)
             .env("CARGO_PROFILE_RELEASE_OPT_LEVEL", "1")
             .env("CARGO_PROFILE_RELEASE_DEBUG", "0"),
     )?;
+    std::fs::write(&installed_stamp, EVCXR_PATCH).map_err(|e| e.to_string())?;
     Ok(bin)
+}
+
+/// Fresh copies of the published evcxr and evcxr_jupyter sources in `dir`, patched.
+fn patched_evcxr_sources(dir: &Path) -> Result<()> {
+    let crates = ["evcxr", "evcxr_jupyter"].map(|name| format!("{name}-{EVCXR_VERSION}"));
+    let mut sources = registry_sources(&crates);
+    if sources.is_none() {
+        // Not in cargo's registry yet: have cargo fetch them from crates.io (checksummed).
+        let fetch = dir.join("fetch");
+        std::fs::create_dir_all(fetch.join("src")).map_err(|e| e.to_string())?;
+        write_if_changed(
+            &fetch.join("Cargo.toml"),
+            &format!(
+                "[package]\nname = \"genlab-evcxr-fetch\"\nversion = \"0.0.0\"\nedition = \"2021\"\n\
+                 publish = false\n\n[dependencies]\nevcxr_jupyter = \"={EVCXR_VERSION}\"\n\
+                 \n[workspace]\n"
+            ),
+        )?;
+        write_if_changed(&fetch.join("src/lib.rs"), "")?;
+        status(
+            Command::new("cargo")
+                .arg("fetch")
+                .arg("--manifest-path")
+                .arg(fetch.join("Cargo.toml")),
+        )?;
+        sources = registry_sources(&crates);
+    }
+    let sources = sources.ok_or("cargo fetch did not unpack evcxr's sources in its registry")?;
+    for (name, source) in crates.iter().zip(&sources) {
+        let copy = dir.join(name);
+        if copy.exists() {
+            std::fs::remove_dir_all(&copy).map_err(|e| format!("{}: {e}", copy.display()))?;
+        }
+        copy_dir(source, &copy)?;
+    }
+    let patch = dir.join("genlab.patch");
+    std::fs::write(&patch, EVCXR_PATCH).map_err(|e| e.to_string())?;
+    status(
+        Command::new("patch")
+            .args(["-p1", "--forward", "--batch", "--quiet", "-d"])
+            .arg(dir)
+            .arg("-i")
+            .arg(&patch),
+    )
+    .map_err(|e| format!("{e}: applying genlab's evcxr patch needs `patch` (Debian: patch)"))
+}
+
+/// The unpacked crates.io sources of `crates` (`name-version`) in cargo's registry, if all are there.
+fn registry_sources<const N: usize>(crates: &[String; N]) -> Option<[PathBuf; N]> {
+    let registries = std::fs::read_dir(cargo_bin().parent()?.join("registry/src")).ok()?;
+    let registries: Vec<PathBuf> = registries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with("index.crates.io-") || n.starts_with("github.com-")
+            })
+        })
+        .collect();
+    let find = |name: &String| {
+        registries
+            .iter()
+            .map(|r| r.join(name))
+            .find(|p| p.join(".cargo-ok").is_file() && p.join("Cargo.toml").is_file())
+    };
+    let found: Vec<PathBuf> = crates.iter().filter_map(find).collect();
+    found.try_into().ok()
+}
+
+fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).map_err(|e| format!("{}: {e}", to.display()))?;
+    for entry in std::fs::read_dir(from).map_err(|e| format!("{}: {e}", from.display()))? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        if entry.file_type().map_err(|e| e.to_string())?.is_dir() {
+            copy_dir(&src, &dst)?;
+        } else {
+            std::fs::copy(&src, &dst).map_err(|e| format!("{}: {e}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The per-user cache folder (`$XDG_CACHE_HOME/genlab` or `~/.cache/genlab`).
+fn cache_dir() -> PathBuf {
+    std::env::var_os("XDG_CACHE_HOME")
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .unwrap_or_else(std::env::temp_dir)
+        .join("genlab")
 }
 
 fn setup_venv(root: &Path) -> Result<()> {
