@@ -252,6 +252,15 @@ def output_blocks(cell, figure_at, write_figure):
             if not (isinstance(b, tuple) and not "".join(b[1]).strip())]
 
 
+REPO_LINK = re.compile(r"\[([^\]]*)\]\((\.\./[^)\s]*)\)")
+
+
+def unlink_repository_files(markdown):
+    """A chapter's links into the repository (`[`tests/vae.rs`](../tests/vae.rs)`, relative to
+    notebooks/) point nowhere in the learner's notes: keep their text, drop the link."""
+    return REPO_LINK.sub(lambda m: m.group(1), markdown)
+
+
 def render_chapter(nb, chapter, figures_dir, docs):
     """Writes `docs/<chapter>.md` and `docs/assets/<chapter>/`; returns (page title, stems)."""
     assets = docs / "assets" / chapter
@@ -273,7 +282,7 @@ def render_chapter(nb, chapter, figures_dir, docs):
     title, parts = chapter, []
     for ci, cell in enumerate(nb.cells):
         if cell.cell_type == "markdown":
-            source = cell.source.strip()
+            source = unlink_repository_files(cell.source.strip())
             heading = re.match(r"#\s+(.+)", source)
             if params and heading and title == chapter:
                 title = heading.group(1).strip()
