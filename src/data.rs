@@ -376,6 +376,32 @@ impl Batches {
     }
 }
 
+/// Checks a learner's flat array of rows (images, latents, points): at least one whole row of
+/// `width` values, every value finite; the error says the expected shape, or where the
+/// non-finite value sits.
+pub(crate) fn check_rows(what: &str, values: &[f32], width: usize) -> Result<()> {
+    if width == 0 || values.is_empty() || !values.len().is_multiple_of(width) {
+        return Err(Error::shape(
+            what,
+            format!("a whole number of rows of {width} values (at least one row)"),
+            format!("{} values", values.len()),
+        ));
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        return Err(Error::param(
+            what,
+            format!(
+                "{} at index {i} (row {}, column {})",
+                values[i],
+                i / width,
+                i % width
+            ),
+            format!("every value must be a finite number (rows of {width} values)"),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

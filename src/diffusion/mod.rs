@@ -24,7 +24,7 @@
 //! sinusoidal time embedding of [`time_embedding`]. [`DdpmConfig::default`] is workload W3 of
 //! the benchmark spec (the 8×8 digits, T = 200, widths 128 → 512 → 512 → 512 → 64, 4,000 steps).
 
-use crate::data::{load_digits, Digits, Scale, PIXELS};
+use crate::data::{check_rows, load_digits, Digits, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
 use crate::mlp::{Activation, Mlp, MlpState, Team, Update};
 use crate::train::AdamSettings;
@@ -1122,29 +1122,6 @@ fn check_len(what: &str, want: usize, got: usize) -> Result<()> {
             what,
             format!("{want} values"),
             format!("{got} values"),
-        ));
-    }
-    Ok(())
-}
-
-fn check_rows(what: &str, values: &[f32], width: usize) -> Result<()> {
-    if width == 0 || values.is_empty() || !values.len().is_multiple_of(width) {
-        return Err(Error::shape(
-            what,
-            format!("a whole number of rows of {width} values (at least one row)"),
-            format!("{} values", values.len()),
-        ));
-    }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::param(
-            what,
-            format!(
-                "{} at index {i} (row {}, column {})",
-                values[i],
-                i / width,
-                i % width
-            ),
-            format!("every value must be a finite number (rows of {width} values)"),
         ));
     }
     Ok(())

@@ -2,9 +2,9 @@
 //! the entropy floor of grey pixels, draws from q(z|x) and from p(x|z) beside the decoder's
 //! means, and the amortisation gap between the encoder's q(z|x) and the best q for one image.
 
-use super::{check_images, neg_log_likelihood, reconstruction, split_heads, team_for, Vae};
+use super::{neg_log_likelihood, reconstruction, split_heads, team_for, Vae};
 use super::{Likelihood, PIXELS};
-use crate::data::{Digits, Images};
+use crate::data::{check_rows, Digits, Images};
 use crate::error::{ensure, Result};
 use crate::mlp::{Mlp, Update};
 use rand::rngs::StdRng;
@@ -199,7 +199,7 @@ impl Vae {
     /// same 2,000 draws of ε per image. optimised − encoder ≥ 0 is the price of amortisation;
     /// log p(x) − optimised is what the Gaussian family itself costs.
     pub fn amortisation_gap(&self, x: &[f32], steps: usize, seed: u64) -> Result<AmortisationGap> {
-        check_images("amortisation_gap", x, PIXELS)?;
+        check_rows("amortisation_gap", x, PIXELS)?;
         const DRAWS: usize = 16;
         const EVAL_DRAWS: usize = 2000;
         let (lr, b1, b2, eps_adam) = (0.02f32, 0.9f32, 0.999f32, 1e-8f32);

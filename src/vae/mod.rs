@@ -20,7 +20,7 @@
 //! ∂log σ², backward through the encoder (Adam fused in). The same model in a few lines of
 //! dfdx is [`reference`]; a test checks that both give the same loss and gradient.
 
-use crate::data::{load_digits, Batches, Digits, Images, Scale, PIXELS};
+use crate::data::{check_rows, load_digits, Batches, Digits, Images, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
 use crate::mlp::AdamSettings;
 use crate::mlp::{Activation, Mlp, MlpState, Team, Update};
@@ -495,7 +495,7 @@ impl Vae {
 
     /// (μ, log σ²) of q(z | x) for row-major images (`latent` values per image each).
     pub fn encode(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        check_images("encode", x, PIXELS)?;
+        check_rows("encode", x, PIXELS)?;
         let out = self.encoder.predict(&team_for(x.len() / PIXELS), x)?;
         Ok(split_heads(&out, self.config.latent))
     }
@@ -503,7 +503,7 @@ impl Vae {
     /// The decoder's mean image for each latent: sigmoid(logits) for Bernoulli, the means for
     /// Gaussian. `z` holds `latent` values per image.
     pub fn decode(&self, z: &[f32]) -> Result<Vec<f32>> {
-        check_images("decode", z, self.config.latent)?;
+        check_rows("decode", z, self.config.latent)?;
         let out = self
             .decoder
             .predict(&team_for(z.len() / self.config.latent), z)?;
@@ -546,7 +546,7 @@ impl Vae {
             draws,
             "average over at least one draw of ε",
         )?;
-        check_images("neg_elbo_per_image", &images.x, PIXELS)?;
+        check_rows("neg_elbo_per_image", &images.x, PIXELS)?;
         let l = self.config.latent;
         let out = self.encoder.predict(team, &images.x)?;
         let (mu, log_var) = split_heads(&out, l);
@@ -598,7 +598,7 @@ impl Vae {
     /// log (1/K) Σₖ p(x | zₖ) p(zₖ) / q(zₖ | x). It is ≥ the ELBO in expectation and tightens
     /// toward log p(x) as K grows (chapter 2's IWAE bound, on a real model).
     pub fn log_likelihood_iwae(&self, x: &[f32], k: usize, seed: u64) -> Result<Vec<f64>> {
-        check_images("log_likelihood_iwae", x, PIXELS)?;
+        check_rows("log_likelihood_iwae", x, PIXELS)?;
         ensure(
             k >= 1,
             "k",
@@ -866,30 +866,6 @@ fn neg_log_likelihood(x: &[f32], out: &[f32], likelihood: Likelihood) -> f64 {
             .map(|(&x, &m)| -crate::math::normal_log_pdf(x as f64, m as f64, std))
             .sum(),
     }
-}
-
-/// Rows of `width` values, at least one, every value finite.
-fn check_images(what: &str, values: &[f32], width: usize) -> Result<()> {
-    if values.is_empty() || !values.len().is_multiple_of(width) {
-        return Err(Error::shape(
-            what,
-            format!("a whole number of rows of {width} values (at least one row)"),
-            format!("{} values", values.len()),
-        ));
-    }
-    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
-        return Err(Error::param(
-            what,
-            format!(
-                "{} at index {i} (row {}, column {})",
-                values[i],
-                i / width,
-                i % width
-            ),
-            format!("every value must be a finite number (rows of {width} values)"),
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
