@@ -22,8 +22,8 @@
 //! # Time budgets and autosaves, for every trainer
 //!
 //! In a notebook an interrupt (or a crash) ends the kernel and every model in it. [`Limits`]
-//! is set on a trainer's `limits` field ([`crate::vae::Vae`], [`crate::diffusion::Ddpm`]; the
-//! GAN takes a time budget only, it has no checkpoints yet) before `train`:
+//! is set on a trainer's `limits` field ([`crate::vae::Vae`], [`crate::diffusion::Ddpm`],
+//! [`crate::gan::Gan`]) before `train`:
 //! `vae.limits = train::Limits::autosave("checkpoints/vae.json", 60.0)?.with_time_budget(600.0)?;`
 //! saves a checkpoint at the first epoch (or step) boundary after each 60 s and when the call
 //! ends, so an interrupt costs at most about a minute, and stops the call after 10 minutes.

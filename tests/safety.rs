@@ -1,7 +1,8 @@
 //! The learner's safety net: bad arrays, bad files and bad checkpoints are errors that name
 //! the shape or the file; an interrupted save leaves the previous checkpoint; a diverging
 //! training keeps its last finite parameters and goes on at a normal learning rate; a time
-//! budget and autosaves resume exactly; training leaves the caller's floating-point mode alone.
+//! budget and autosaves resume exactly (the VAE, the DDPM and the GAN); training leaves the
+//! caller's floating-point mode alone.
 
 use genlab::data::{load_digits_from, swiss_roll, Scale};
 use genlab::diffusion::{nearest_distance_mean, Ddpm, DdpmConfig};
@@ -46,6 +47,33 @@ fn small_ddpm(lr: f64) -> Ddpm {
     .unwrap();
     ddpm.verbose = false;
     ddpm
+}
+
+fn small_gan(seed: u64) -> Gan {
+    let mut gan = Gan::new(
+        GanConfig {
+            g_hidden: 16,
+            d_hidden: 16,
+            batch_size: 32,
+            seed,
+            ..GanConfig::default()
+        },
+        GanData::ring(),
+    )
+    .unwrap();
+    gan.verbose = false;
+    gan.metrics_every = 5;
+    gan
+}
+
+/// Both networks' parameters and Adam step counts, for comparing two GANs exactly.
+fn gan_state(gan: &Gan) -> (Vec<f32>, Vec<f32>, usize, usize) {
+    (
+        gan.generator().parameters().to_vec(),
+        gan.discriminator().parameters().to_vec(),
+        gan.generator().steps(),
+        gan.discriminator().steps(),
+    )
 }
 
 /// Every case must be an error whose message contains each of `needles`; returns how many.
@@ -553,8 +581,117 @@ fn bad_checkpoints_name_the_file_and_the_problem() {
     let _ = std::fs::remove_file(&ddpm_cases[0].0);
     ddpm_cases.extend(network_edits(&good_ddpm, "ddpm", "/denoiser"));
     let ddpm_tried = bad_checkpoints(|p: &Path| Ddpm::load(p), &ddpm_cases);
+
+    let mut gan = small_gan(0);
+    gan.train(3).unwrap();
+    let good_gan = tmp("gan-good.json");
+    gan.save(&good_gan).unwrap();
+    // A GAN on a fixed set of 5 points in ℝ³.
+    let mut set_gan = Gan::new(
+        GanConfig {
+            g_hidden: 8,
+            d_hidden: 8,
+            batch_size: 8,
+            ..GanConfig::default()
+        },
+        GanData::Set {
+            dim: 3,
+            rows: (0..15).map(|i| i as f32 / 15.0).collect(),
+        },
+    )
+    .unwrap();
+    set_gan.verbose = false;
+    set_gan.train(2).unwrap();
+    let good_set = tmp("gan-set-good.json");
+    set_gan.save(&good_set).unwrap();
+    assert!(Gan::load(&good_gan).is_ok() && Gan::load(&good_set).is_ok());
+    let mut gan_cases = vec![
+        (tmp("gan-missing.json"), "No such file"),
+        (
+            raw(&good_gan, "gan-truncated.json", |t| t[..t.len() / 2].into()),
+            "not a genlab",
+        ),
+        (good_ddpm.clone(), "not a genlab"),
+        (
+            edited(&good_gan, "gan-other-config.json", |v| {
+                v["config"]["g_hidden"] = 32.into()
+            }),
+            "widths",
+        ),
+        (
+            edited(&good_gan, "gan-other-pack.json", |v| {
+                v["config"]["pack"] = 2.into()
+            }),
+            "widths",
+        ),
+        (
+            edited(&good_gan, "gan-bad-config.json", |v| {
+                v["config"]["d_lr"] = (-1.0).into()
+            }),
+            "`d_lr`",
+        ),
+        (
+            edited(&good_gan, "gan-other-lr.json", |v| {
+                v["config"]["g_lr"] = 1e-3.into()
+            }),
+            "Adam settings",
+        ),
+        (
+            edited(&good_gan, "gan-activation.json", |v| {
+                v["discriminator"]["layers"][0]["activation"] = "Relu".into()
+            }),
+            "activations",
+        ),
+        (
+            edited(&good_gan, "gan-history-gap.json", |v| {
+                v["history"][1]["iteration"] = 7.into()
+            }),
+            "counts disagree",
+        ),
+        (
+            edited(&good_gan, "gan-g-steps-off.json", |v| {
+                v["generator"]["steps"] = 1.into()
+            }),
+            "counts disagree",
+        ),
+        (
+            edited(&good_gan, "gan-seed.json", |v| {
+                v["rng"]["seed"][0] = 1.into()
+            }),
+            "random stream",
+        ),
+        (
+            edited(&good_gan, "gan-stream.json", |v| {
+                v["rng"]["stream"] = 3.into()
+            }),
+            "random stream",
+        ),
+        (
+            edited(&good_set, "gan-set-dim-4.json", |v| {
+                v["data"]["Set"]["dim"] = 4.into()
+            }),
+            "rows of 4 values",
+        ),
+        (
+            edited(&good_set, "gan-set-dim-5.json", |v| {
+                v["data"]["Set"]["dim"] = 5.into()
+            }),
+            "widths",
+        ),
+        (
+            edited(&good_set, "gan-set-short.json", |v| {
+                v["data"]["Set"]["rows"].as_array_mut().unwrap().pop();
+            }),
+            "rows of 3 values",
+        ),
+    ];
+    let _ = std::fs::remove_file(&gan_cases[0].0);
+    gan_cases.extend(network_edits(&good_gan, "gan-g", "/generator"));
+    gan_cases.extend(network_edits(&good_gan, "gan-d", "/discriminator"));
+    let gan_tried = bad_checkpoints(|p: &Path| Gan::load(p), &gan_cases);
     eprintln!(
-        "bad checkpoints tried: VAE {vae_tried}, DDPM {ddpm_tried}, all errors naming the file, 0 panics"
+        "bad checkpoints tried: VAE {vae_tried}, DDPM {ddpm_tried}, GAN {gan_tried}, all errors \
+         naming the file, 0 panics"
     );
 }
 
@@ -808,10 +945,67 @@ fn the_ddpm_resumes_from_its_autosave_exactly() {
         resumed.denoiser().parameters(),
         straight.denoiser().parameters()
     );
-    // The GAN has a time budget but no checkpoint to autosave.
-    let mut gan = Gan::new(GanConfig::default(), GanData::ring()).unwrap();
-    gan.limits = Limits::autosave(&path, 1.0).unwrap();
-    assert!(gan.train(1).unwrap_err().to_string().contains("autosave"));
+}
+
+/// A GAN trained k iterations, saved, loaded and trained m more is, bit for bit, the GAN
+/// trained k + m iterations in one go: losses, ring records, both networks with their Adam
+/// state, and the random stream (the next iteration draws the same batches).
+#[test]
+fn the_gan_resumes_from_its_checkpoint_exactly() {
+    let path = tmp("gan-resume.json");
+    let mut first = small_gan(4);
+    first.train(7).unwrap();
+    // A few D steps alone move the stream and D without a record; a checkpoint keeps them.
+    first.train_discriminator(2).unwrap();
+    first.save(&path).unwrap();
+    let mut resumed = Gan::load(&path).unwrap();
+    resumed.verbose = false;
+    assert_eq!(resumed.iterations_done(), 7);
+    assert_eq!(gan_state(&resumed), gan_state(&first));
+    resumed.train(13).unwrap();
+    let mut straight = small_gan(4);
+    straight.train(7).unwrap();
+    straight.train_discriminator(2).unwrap();
+    straight.train(13).unwrap();
+    assert_eq!(resumed.history, straight.history);
+    assert_eq!(resumed.ring_history, straight.ring_history);
+    assert_eq!(resumed.ring_history.len(), 4);
+    assert_eq!(gan_state(&resumed), gan_state(&straight));
+    assert_eq!(
+        resumed.sample(50, 1).unwrap(),
+        straight.sample(50, 1).unwrap()
+    );
+}
+
+/// The GAN's autosave: a run stopped by its time budget resumes from its last autosave with
+/// exactly the losses and parameters of a run that never stopped.
+#[test]
+fn the_gan_resumes_from_its_autosave_exactly() {
+    let path = tmp("autosave-gan.json");
+    let _ = std::fs::remove_file(&path);
+    let mut stopped = small_gan(5);
+    stopped.limits = Limits::autosave(&path, 0.0)
+        .unwrap()
+        .with_time_budget(0.1)
+        .unwrap();
+    stopped.train(10_000_000).unwrap();
+    let done = stopped.iterations_done();
+    assert!(
+        (1..10_000_000).contains(&done),
+        "{done} iterations in the budget"
+    );
+    let mut resumed = Gan::load(&path).unwrap();
+    resumed.verbose = false;
+    assert_eq!(resumed.iterations_done(), done);
+    resumed.train(20).unwrap();
+    let mut straight = small_gan(5);
+    straight.train(done + 20).unwrap();
+    assert_eq!(resumed.history, straight.history);
+    assert_eq!(resumed.ring_history, straight.ring_history);
+    assert_eq!(gan_state(&resumed), gan_state(&straight));
+    eprintln!("GAN autosave: stopped after {done} iterations, resumed for 20, equal bit for bit");
+    // A budget of 0 trains nothing.
+    let mut gan = small_gan(5);
     gan.limits = Limits::default().with_time_budget(0.0).unwrap();
     assert!(gan.train(5).unwrap().is_empty());
 }

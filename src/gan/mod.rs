@@ -22,12 +22,13 @@
 
 use crate::data::{load_digits, Scale};
 use crate::error::{ensure, Error, Result};
-use crate::mlp::{Activation, FlushDenormals, Mlp, Team, Update};
+use crate::mlp::{Activation, FlushDenormals, Mlp, MlpState, Team, Update};
 use crate::plot::Figure;
 use crate::train::AdamSettings;
-use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng};
+use rand_chacha::ChaCha12Rng;
 use rand_distr::{Distribution, StandardNormal};
+use std::path::Path;
 
 /// The generator's loss.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -365,7 +366,7 @@ impl GanData {
     }
 
     /// Fills `out` (rows of `dim` values) with fresh real samples.
-    fn sample_into(&self, rng: &mut StdRng, out: &mut [f32]) {
+    fn sample_into(&self, rng: &mut ChaCha12Rng, out: &mut [f32]) {
         match self {
             GanData::Ring8 { std } => {
                 let centres = ring_centres();
@@ -403,7 +404,7 @@ impl GanData {
     pub fn sample(&self, n: usize, seed: u64) -> Result<Vec<f32>> {
         self.validate()?;
         let mut out = vec![0.0; n * self.dim()];
-        self.sample_into(&mut StdRng::seed_from_u64(seed), &mut out);
+        self.sample_into(&mut ChaCha12Rng::seed_from_u64(seed), &mut out);
         Ok(out)
     }
 }
@@ -549,7 +550,9 @@ pub struct Gan {
     data: GanData,
     g: Mlp,
     d: Mlp,
-    rng: StdRng,
+    /// Draws every real batch and every z of training: ChaCha12 (what rand's `StdRng` is),
+    /// whose position a checkpoint saves.
+    rng: ChaCha12Rng,
     /// One record per iteration trained.
     pub history: Vec<IterRecord>,
     /// The ring metrics every [`Gan::metrics_every`] iterations (ring data only).
@@ -559,8 +562,9 @@ pub struct Gan {
     pub verbose: bool,
     /// How often to record the ring metrics (0 = never); 250 by default.
     pub metrics_every: usize,
-    /// A time budget for [`Gan::train`] (none by default). The GAN has no checkpoints, so
-    /// `limits.autosave` must stay `None`.
+    /// A time budget and autosaving for [`Gan::train`] (none by default): with
+    /// `limits.autosave` set, a checkpoint ([`Gan::save`]) is written between iterations every
+    /// so often and when the call ends.
     pub limits: crate::train::Limits,
     /// A step's buffers: [real; fake] for D, z, G's output, ∂logits, targets, ∂G(z), and the
     /// parameters before an update (restored if the update is not finite).
@@ -579,13 +583,7 @@ impl Gan {
     pub fn new(config: GanConfig, data: GanData) -> Result<Gan> {
         config.validate()?;
         data.validate()?;
-        let dim = data.dim();
-        let mut g_widths = vec![config.latent];
-        g_widths.extend(std::iter::repeat_n(config.g_hidden, config.g_depth));
-        g_widths.push(dim);
-        let mut d_widths = vec![dim * config.pack];
-        d_widths.extend(std::iter::repeat_n(config.d_hidden, config.d_depth));
-        d_widths.push(1);
+        let (g_widths, d_widths) = widths(&config, data.dim());
         let g = Mlp::new(&g_widths, Activation::Relu, config.g_adam(), config.seed)?;
         let d = Mlp::new(
             &d_widths,
@@ -594,7 +592,7 @@ impl Gan {
             config.seed ^ 0xd15c_0000,
         )?;
         Ok(Gan {
-            rng: StdRng::seed_from_u64(config.seed ^ 0x9e37_79b9_7f4a_7c15),
+            rng: ChaCha12Rng::seed_from_u64(config.seed ^ 0x9e37_79b9_7f4a_7c15),
             config,
             data,
             g,
@@ -822,16 +820,12 @@ impl Gan {
 
     /// Trains `iterations` more iterations (each `d_steps` D steps, then one G step), recording
     /// each and printing progress.
+    ///
+    /// [`Gan::limits`] can give the call a time budget (checked between iterations) and
+    /// autosave it: a checkpoint between iterations every so often, and one when the call ends.
     pub fn train(&mut self, iterations: usize) -> Result<&[IterRecord]> {
         let start = self.history.len();
-        if let Some(a) = &self.limits.autosave {
-            return Err(Error::param(
-                "limits.autosave",
-                a.path.display(),
-                "the GAN has no checkpoints yet: leave autosave at None (a time budget works)",
-            ));
-        }
-        let watch = crate::train::Watch::start(&self.limits)?;
+        let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
         let _ftz = FlushDenormals::new();
         let clock = std::time::Instant::now();
@@ -886,7 +880,9 @@ impl Gan {
                     clock.elapsed().as_secs_f64()
                 );
             }
+            watch.autosave(false, |path| self.save(path))?;
         }
+        watch.autosave(true, |path| self.save(path))?;
         Ok(&self.history[start..])
     }
 
@@ -908,7 +904,7 @@ impl Gan {
     pub fn sample(&self, n: usize, seed: u64) -> Result<Vec<f32>> {
         ensure(n >= 1, "n", n, "ask for at least one sample")?;
         let mut z = vec![0.0; n * self.config.latent];
-        fill_normal(&mut StdRng::seed_from_u64(seed), &mut z);
+        fill_normal(&mut ChaCha12Rng::seed_from_u64(seed), &mut z);
         let out = self.g.predict(&team_for(n), &z)?;
         let mut x = vec![0.0; out.len()];
         apply_output(self.config.output, &out, &mut x);
@@ -1084,7 +1080,7 @@ impl Gan {
         let dim = self.data.dim();
         let rows = n / m;
         let mut z = vec![0.0; n * self.config.latent];
-        fill_normal(&mut StdRng::seed_from_u64(seed), &mut z);
+        fill_normal(&mut ChaCha12Rng::seed_from_u64(seed), &mut z);
         let mut fake = vec![0.0; n * dim];
         let mut dfake = vec![0.0; n * dim];
         let mut dy = vec![0.0; rows];
@@ -1115,6 +1111,167 @@ impl Gan {
             non_saturating_norm: norms[1],
         })
     }
+}
+
+impl Gan {
+    /// Saves a checkpoint as JSON: the config, the data source (a fixed set with its rows),
+    /// both networks with their Adam state, the history, `metrics_every` and the random
+    /// stream's exact position, so that training resumed from it with [`Gan::load`] continues
+    /// bit for bit as if it had never stopped. The file is written whole or not at all (a
+    /// temporary file, then renamed).
+    pub fn save(&self, path: impl AsRef<Path>) -> Result<()> {
+        let path = path.as_ref();
+        let word_pos = u64::try_from(self.rng.get_word_pos()).map_err(|_| {
+            Error::param(
+                "random stream position",
+                self.rng.get_word_pos(),
+                "a position past 2⁶⁴ words was not reached by training: nothing to save",
+            )
+        })?;
+        let checkpoint = Checkpoint {
+            genlab: crate::VERSION.to_string(),
+            config: self.config,
+            data: self.data.clone(),
+            generator: self.g.state(),
+            discriminator: self.d.state(),
+            history: self.history.clone(),
+            ring_history: self.ring_history.clone(),
+            metrics_every: self.metrics_every,
+            rng: RngState {
+                seed: self.rng.get_seed(),
+                stream: self.rng.get_stream(),
+                word_pos,
+            },
+        };
+        crate::train::save_json(path, &checkpoint)
+    }
+
+    /// Loads a checkpoint written by [`Gan::save`], checking it: the config and the data are
+    /// valid, both networks match the config and the data's width (layers, activations, Adam
+    /// settings), the counts agree (iterations recorded, steps of each network), and the random
+    /// stream is the one the config's seed starts. Train it further with [`Gan::train`].
+    pub fn load(path: impl AsRef<Path>) -> Result<Gan> {
+        let path = path.as_ref();
+        let c: Checkpoint = crate::train::load_json(path, "GAN", "Gan::save")?;
+        let bad = |message: String| Error::Data {
+            path: path.to_path_buf(),
+            message,
+        };
+        let mut gan = Gan::new(c.config, c.data)
+            .map_err(|e| bad(format!("its config or data is invalid ({e})")))?;
+        for (name, state, fresh) in [
+            ("generator", &c.generator, &gan.g),
+            ("discriminator", &c.discriminator, &gan.d),
+        ] {
+            let (got, want) = (state.widths(), fresh.state().widths());
+            if got != want {
+                return Err(bad(format!(
+                    "its {name} has widths {got:?}, but its config and data say {want:?}"
+                )));
+            }
+            if state.layers != fresh.layers() {
+                return Err(bad(format!(
+                    "its {name}'s activations are {:?}, but a GAN's are {:?}",
+                    state
+                        .layers
+                        .iter()
+                        .map(|l| l.activation)
+                        .collect::<Vec<_>>(),
+                    fresh
+                        .layers()
+                        .iter()
+                        .map(|l| l.activation)
+                        .collect::<Vec<_>>()
+                )));
+            }
+        }
+        for (name, state, want) in [
+            ("generator", &c.generator, gan.config.g_adam()),
+            ("discriminator", &c.discriminator, gan.config.d_adam()),
+        ] {
+            if state.adam != want {
+                return Err(bad(format!(
+                    "its {name}'s Adam settings {:?} differ from its config's {want:?}",
+                    state.adam
+                )));
+            }
+        }
+        gan.g = Mlp::from_state(c.generator).map_err(|e| bad(e.to_string()))?;
+        gan.d = Mlp::from_state(c.discriminator).map_err(|e| bad(e.to_string()))?;
+        // Every iteration is one G step and `d_steps` D steps (more where d_step, g_step or
+        // train_discriminator were called alone); the records count 1, 2, 3, …
+        let n = c.history.len();
+        let consistent = c
+            .history
+            .iter()
+            .enumerate()
+            .all(|(i, r)| r.iteration == i + 1)
+            && c.ring_history.len() <= n
+            && c.ring_history
+                .iter()
+                .all(|r| (1..=n).contains(&r.iteration))
+            && gan.g.steps() >= n
+            && n.checked_mul(gan.config.d_steps)
+                .is_some_and(|s| gan.d.steps() >= s);
+        if !consistent {
+            return Err(bad(format!(
+                "its counts disagree (history {n} iterations, ring records {}, generator steps \
+                 {}, discriminator steps {}, {} D steps an iteration): the checkpoint was \
+                 edited or damaged",
+                c.ring_history.len(),
+                gan.g.steps(),
+                gan.d.steps(),
+                gan.config.d_steps
+            )));
+        }
+        // The stream must be the one this config starts (its seed and stream), at the saved
+        // position: set directly, no replay.
+        if c.rng.seed != gan.rng.get_seed() || c.rng.stream != gan.rng.get_stream() {
+            return Err(bad(format!(
+                "its random stream (stream {}) is not the one its config's seed {} starts: the \
+                 checkpoint was edited or damaged",
+                c.rng.stream, gan.config.seed
+            )));
+        }
+        gan.rng.set_word_pos(c.rng.word_pos as u128);
+        gan.history = c.history;
+        gan.ring_history = c.ring_history;
+        gan.metrics_every = c.metrics_every;
+        Ok(gan)
+    }
+}
+
+/// What [`Gan::save`] writes.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Checkpoint {
+    genlab: String,
+    config: GanConfig,
+    data: GanData,
+    generator: MlpState,
+    discriminator: MlpState,
+    history: Vec<IterRecord>,
+    ring_history: Vec<RingRecord>,
+    metrics_every: usize,
+    rng: RngState,
+}
+
+/// The ChaCha12 stream's key (seed), stream number and position in 32-bit words.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RngState {
+    seed: [u8; 32],
+    stream: u64,
+    word_pos: u64,
+}
+
+/// The generator's widths (L → hidden… → d) and the discriminator's (m·d → hidden… → 1).
+fn widths(config: &GanConfig, dim: usize) -> (Vec<usize>, Vec<usize>) {
+    let mut g = vec![config.latent];
+    g.extend(std::iter::repeat_n(config.g_hidden, config.g_depth));
+    g.push(dim);
+    let mut d = vec![dim * config.pack];
+    d.extend(std::iter::repeat_n(config.d_hidden, config.d_depth));
+    d.push(1);
+    (g, d)
 }
 
 /// D against the optimal D* on a 1-D grid, with the generator as it is now.
@@ -1237,7 +1394,7 @@ pub fn ring_snapshots_figure(
 }
 
 /// Rows of N(0, 1) draws.
-fn fill_normal(rng: &mut StdRng, out: &mut [f32]) {
+fn fill_normal(rng: &mut ChaCha12Rng, out: &mut [f32]) {
     for v in out.iter_mut() {
         *v = StandardNormal.sample(rng);
     }
@@ -1325,7 +1482,7 @@ mod tests {
             let gan = Gan::new(config, GanData::ring()).unwrap();
             let team = Team::new(1);
             let mut z = vec![0.0; 8 * 3];
-            fill_normal(&mut StdRng::seed_from_u64(1), &mut z);
+            fill_normal(&mut ChaCha12Rng::seed_from_u64(1), &mut z);
             let g_loss = |g: &Mlp| -> f64 {
                 let out = g.predict(&team, &z).unwrap();
                 let mut x = vec![0.0; out.len()];
@@ -1387,6 +1544,22 @@ mod tests {
                     grad[i]
                 );
             }
+        }
+    }
+
+    /// The GAN's stream is rand 0.8's `StdRng` under its own name: the same seed gives the same
+    /// numbers, so switching to it (for checkpoints) changed no result.
+    #[test]
+    fn the_stream_is_rands_std_rng() {
+        use rand::RngCore as _;
+        for seed in [0u64, 2, 0x9e37_79b9_7f4a_7c15] {
+            let mut a = ChaCha12Rng::seed_from_u64(seed);
+            let mut b = rand::rngs::StdRng::seed_from_u64(seed);
+            for _ in 0..1000 {
+                assert_eq!(a.next_u64(), b.next_u64());
+            }
+            let (x, y): (f32, f32) = (StandardNormal.sample(&mut a), StandardNormal.sample(&mut b));
+            assert_eq!(x.to_bits(), y.to_bits());
         }
     }
 
