@@ -169,7 +169,7 @@ fn setup_evcxr() -> Result<PathBuf> {
     }
     println!(
         "[setup] building evcxr_jupyter {EVCXR_VERSION} with genlab's patch in {} \
-         (a cold build takes about 10 minutes)",
+         (a cold build takes about 4 to 10 minutes)",
         dir.display()
     );
     let applied_stamp = dir.join("applied.patch");
