@@ -525,20 +525,7 @@ impl Ddpm {
             dim,
             "each example needs at least one value",
         )?;
-        if data.is_empty() || !data.len().is_multiple_of(dim) {
-            return Err(Error::shape(
-                "Ddpm::new (data)",
-                format!("a whole number of rows of {dim} values"),
-                format!("{} values", data.len()),
-            ));
-        }
-        if let Some(i) = data.iter().position(|v| !v.is_finite()) {
-            return Err(Error::param(
-                "data",
-                format!("{} at index {i}", data[i]),
-                "every value must be finite",
-            ));
-        }
+        check_rows("Ddpm::new (data)", data, dim)?;
         let schedule = NoiseSchedule::new(config.schedule, config.steps)?;
         let denoiser = Mlp::new(
             &config.widths(dim),

@@ -20,7 +20,7 @@
 //! The defaults are workload W2 (`gan-ring`): both networks 2 → 128 → 128 → 2 (or 1),
 //! Adam 2e-4 with betas (0.5, 0.999), batch 256, 5,000 iterations, the non-saturating loss.
 
-use crate::data::{load_digits, Scale};
+use crate::data::{check_rows, load_digits, Scale};
 use crate::error::{ensure, Error, Result};
 use crate::mlp::{Activation, FlushDenormals, Mlp, MlpState, Team, Update};
 use crate::plot::Figure;
@@ -346,21 +346,7 @@ impl GanData {
             }
             GanData::Set { dim, rows } => {
                 ensure(*dim >= 1, "dim", dim, "points need at least one value each")?;
-                if rows.is_empty() || !rows.len().is_multiple_of(*dim) {
-                    return Err(Error::shape(
-                        "GanData::Set rows",
-                        format!("a whole number of rows of {dim} values (at least one)"),
-                        format!("{} values", rows.len()),
-                    ));
-                }
-                match rows.iter().position(|v| !v.is_finite()) {
-                    Some(i) => Err(Error::param(
-                        "rows",
-                        format!("{} at index {i}", rows[i]),
-                        "every value must be a finite number",
-                    )),
-                    None => Ok(()),
-                }
+                check_rows("GanData::Set rows", rows, *dim)
             }
         }
     }
@@ -448,25 +434,7 @@ pub struct RingMetrics {
 /// when it lies within 3·0.02 of its nearest centre; a mode is covered when at least 20
 /// high-quality samples sit at it.
 pub fn ring_metrics(samples: &[f32]) -> Result<RingMetrics> {
-    if samples.is_empty() || !samples.len().is_multiple_of(2) {
-        return Err(Error::shape(
-            "ring_metrics",
-            "rows of 2 values (at least one)",
-            format!("{} values", samples.len()),
-        ));
-    }
-    if let Some(i) = samples.iter().position(|v| !v.is_finite()) {
-        return Err(Error::param(
-            "ring_metrics",
-            format!(
-                "{} at index {i} (row {}, column {})",
-                samples[i],
-                i / 2,
-                i % 2
-            ),
-            "every value must be a finite number (rows of 2 values)",
-        ));
-    }
+    check_rows("ring_metrics", samples, 2)?;
     let centres = ring_centres();
     let mut per_centre = [0usize; 8];
     let mut hq = 0usize;
@@ -915,25 +883,7 @@ impl Gan {
     /// judged as a pack of m copies of itself.
     pub fn discriminate(&self, x: &[f32]) -> Result<Vec<f32>> {
         let dim = self.data.dim();
-        if x.is_empty() || !x.len().is_multiple_of(dim) {
-            return Err(Error::shape(
-                "Gan::discriminate",
-                format!("rows of {dim} values (at least one)"),
-                format!("{} values", x.len()),
-            ));
-        }
-        if let Some(i) = x.iter().position(|v| !v.is_finite()) {
-            return Err(Error::param(
-                "Gan::discriminate",
-                format!(
-                    "{} at index {i} (row {}, column {})",
-                    x[i],
-                    i / dim,
-                    i % dim
-                ),
-                format!("every value must be a finite number (rows of {dim} values)"),
-            ));
-        }
+        check_rows("Gan::discriminate", x, dim)?;
         let m = self.config.pack;
         let packed: Vec<f32> = if m == 1 {
             x.to_vec()
