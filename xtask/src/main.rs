@@ -8,9 +8,11 @@
 //! - `export [NOTEBOOK...] [--param NAME=VALUE ...] [--fresh]`: setup, then runs the chapters
 //!   whose executed copies are out of date and writes them as MkDocs pages with their figures
 //!   into `exports/notes/` (`xtask/export_notes.py`).
-//! - `test`: setup, `cargo test`, then every notebook (and `tests/notebooks/`) with its smoke
-//!   parameters; fails on any error output. Then the exported chapters built with
-//!   `mkdocs build --strict`, and 01_bayes run in JupyterLab in headless Chromium.
+//! - `test`: Miri on the engine from the start, in the background; setup; then `cargo test` and
+//!   the portable build's tests in the background (see `lane.rs`) next to every notebook (and
+//!   `tests/notebooks/`) run with its smoke parameters, failing on any error output; then the
+//!   exported chapters built with `mkdocs build --strict`, and 01_bayes run in JupyterLab in
+//!   headless Chromium.
 
 mod lane;
 
