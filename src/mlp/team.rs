@@ -4,35 +4,40 @@
 //!
 //! [`Team::run`]`(n, f)` runs `f(0)`, …, `f(n − 1)`, each task once, on whichever thread takes it
 //! first from a shared counter (a thread that the machine slows down simply takes fewer), and
-//! returns when all are done. Between calls the helper spins for a short while, because a
-//! training step calls `run` every few hundred microseconds and a sleeping thread takes longer
-//! than that to wake; after about a millisecond without work it sleeps until the next call.
+//! returns when all are done. The caller never waits for the helper to show up: it waits only
+//! for tasks the helper has actually taken. So when the helper is slow to wake, or another
+//! program holds the second core, the caller does the whole call itself at one thread's speed
+//! instead of waiting for a thread that cannot run. Between calls the helper spins for a short
+//! while, because a training step calls `run` every few hundred microseconds and a sleeping
+//! thread takes longer than that to wake; after about a millisecond without work it sleeps
+//! until the next call.
 //!
 //! A panic inside a task does not cross threads: it is caught, the other tasks still finish,
 //! and `run` returns an error, so a cell in a notebook gets a message instead of a dead kernel.
 
 use crate::error::{Error, Result};
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-/// A task body with its lifetime erased so that the helper thread can hold it; see
-/// [`Team::run`] for why that is sound.
-type Job = *const (dyn Fn(usize) + Sync + 'static);
+/// The task body of one call, as the caller holds it.
+type Job<'a> = &'a (dyn Fn(usize) + Sync + 'a);
 
 /// What the calling thread and the helper share.
 struct Shared {
-    /// The job of the current generation (null between calls).
-    job: Mutex<Option<SendJob>>,
-    /// Incremented for each call of `run`; the helper starts work when it changes.
-    generation: AtomicUsize,
-    /// The next task to take, and how many there are.
-    next: AtomicUsize,
+    /// The current call: its generation in the high 32 bits, the next task to take in the low
+    /// 32. A task is taken by a compare-and-swap that also checks the generation, so a thread
+    /// that arrives after its call has ended takes nothing.
+    state: AtomicU64,
+    /// The current call's task count and its job: a pointer to the caller's `Job`, which lives
+    /// on the caller's stack for the whole call. Both are written before `state` announces the
+    /// call.
     tasks: AtomicUsize,
-    /// The generation the helper last finished.
-    finished: AtomicUsize,
+    job: AtomicPtr<()>,
+    /// Tasks of the current call finished (by either thread).
+    done: AtomicUsize,
     /// A task panicked during this call.
     panicked: AtomicBool,
     /// The helper is asleep (parked) and must be woken.
@@ -40,11 +45,7 @@ struct Shared {
     quit: AtomicBool,
 }
 
-#[derive(Clone, Copy)]
-struct SendJob(Job);
-// SAFETY: the pointee is `Sync` (the `Job` type says so), and the pointer is only dereferenced
-// while `Team::run` keeps the closure alive (see there).
-unsafe impl Send for SendJob {}
+const INDEX: u64 = (1 << 32) - 1;
 
 /// The threads that run the engine's tasks: the caller plus an optional helper thread. Made for
 /// the span of a training loop (or a sampler); dropping it ends the helper.
@@ -60,11 +61,10 @@ impl Team {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = threads.clamp(1, 2).min(cores);
         let shared = Arc::new(Shared {
-            job: Mutex::new(None),
-            generation: AtomicUsize::new(0),
-            next: AtomicUsize::new(0),
+            state: AtomicU64::new(0),
             tasks: AtomicUsize::new(0),
-            finished: AtomicUsize::new(0),
+            job: AtomicPtr::new(std::ptr::null_mut()),
+            done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             quit: AtomicBool::new(false),
@@ -97,61 +97,64 @@ impl Team {
     /// error if any of them panicked (the others still ran).
     pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> Result<()> {
         let sh = &*self.shared;
-        let Some(helper) = &self.helper else {
-            // One thread: no sharing at all.
-            sh.panicked.store(false, Ordering::Relaxed);
+        sh.panicked.store(false, Ordering::Relaxed);
+        let Some(helper) = self.helper.as_ref().filter(|_| tasks > 1) else {
+            // One thread, or one task (not worth waking the helper): no sharing at all.
             for i in 0..tasks {
                 take_task(sh, || f(i));
             }
             return outcome(sh);
         };
-        if tasks <= 1 {
-            // Not worth waking the helper.
-            sh.panicked.store(false, Ordering::Relaxed);
-            if tasks == 1 {
-                take_task(sh, || f(0));
-            }
-            return outcome(sh);
-        }
-        // SAFETY: only the lifetime is erased. The helper dereferences the pointer only
-        // between reading generation g (below) and storing `finished = g`, and this function
-        // does not return before it has seen `finished == g`, even when a task panicked
-        // (panics are caught in `take_task`); so `f` outlives every use.
-        let job: Job = unsafe {
-            std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), Job>(f as *const _)
-        };
-        *lock(&sh.job) = Some(SendJob(job));
-        sh.panicked.store(false, Ordering::Relaxed);
+        assert!(tasks as u64 <= INDEX / 2, "too many tasks for one call");
+        let job: Job<'_> = f;
+        // The helper reads `job` only through a task it took from this call's generation, and
+        // this function returns only after every task of it has finished (`done == tasks`):
+        // the pointer is never used after `job` goes out of scope.
+        sh.job
+            .store(&job as *const Job<'_> as *mut (), Ordering::Relaxed);
         sh.tasks.store(tasks, Ordering::Relaxed);
-        sh.next.store(0, Ordering::Relaxed);
-        let generation = sh.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        if sh.sleeping.swap(false, Ordering::AcqRel) {
+        sh.done.store(0, Ordering::Relaxed);
+        let generation = (sh.state.load(Ordering::Relaxed) >> 32).wrapping_add(1) & INDEX;
+        // SeqCst here and on `sleeping` (with the helper's SeqCst pair): either the helper sees
+        // this generation before it parks, or this thread sees that it sleeps and wakes it.
+        sh.state.store(generation << 32, Ordering::SeqCst);
+        if sh.sleeping.swap(false, Ordering::SeqCst) {
             helper.thread().unpark();
         }
-        work(sh, f);
+        // Take tasks; the helper only ever adds by compare-and-swap within this generation, so
+        // a plain increment here never skips one of its tasks.
+        loop {
+            let i = sh.state.fetch_add(1, Ordering::AcqRel) & INDEX;
+            if i as usize >= tasks {
+                break;
+            }
+            take_task(sh, || f(i as usize));
+            sh.done.fetch_add(1, Ordering::Release);
+        }
+        // Wait for the tasks the helper took (none, if it has not woken yet).
         let mut spins = 0u32;
-        while sh.finished.load(Ordering::Acquire) != generation {
+        while sh.done.load(Ordering::Acquire) != tasks {
             if helper.is_finished() {
                 // The helper died outside a task (it never should): do not wait forever.
-                *lock(&sh.job) = None;
                 return Err(thread_error());
             }
             spins += 1;
-            // Under Miri a spin is expensive to interpret and time is virtual: yield at once.
-            if spins < 1 << 16 && !cfg!(miri) {
+            // After ~20 µs the helper is probably not running (another program has its core,
+            // or it shares this one): let the scheduler run it. Under Miri a spin is
+            // expensive to interpret and time is virtual: yield at once.
+            if spins < 1 << 10 && !cfg!(miri) {
                 std::hint::spin_loop();
             } else {
                 std::thread::yield_now();
             }
         }
-        *lock(&sh.job) = None;
         outcome(sh)
     }
 }
 
 impl Drop for Team {
     fn drop(&mut self) {
-        self.shared.quit.store(true, Ordering::Release);
+        self.shared.quit.store(true, Ordering::SeqCst);
         if let Some(helper) = self.helper.take() {
             helper.thread().unpark();
             let _ = helper.join();
@@ -230,10 +233,6 @@ pub(crate) mod mxcsr {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 fn thread_error() -> Error {
     Error::Dfdx(
         "a training thread stopped unexpectedly (a bug in genlab: please report it); \
@@ -256,23 +255,37 @@ fn take_task(sh: &Shared, task: impl FnOnce()) {
     }
 }
 
-/// Takes tasks from the shared counter until none are left.
-fn work(sh: &Shared, f: &(dyn Fn(usize) + Sync)) {
-    let tasks = sh.tasks.load(Ordering::Relaxed);
-    loop {
-        let i = sh.next.fetch_add(1, Ordering::Relaxed);
-        if i >= tasks {
-            break;
+/// The helper's share of call `generation`: take tasks while that call has some left.
+fn help(sh: &Shared, generation: u64) {
+    let tasks = sh.tasks.load(Ordering::Relaxed) as u64;
+    let job = sh.job.load(Ordering::Relaxed) as *const Job<'static>;
+    let mut state = sh.state.load(Ordering::Acquire);
+    while state >> 32 == generation && state & INDEX < tasks {
+        match sh
+            .state
+            .compare_exchange_weak(state, state + 1, Ordering::AcqRel, Ordering::Acquire)
+        {
+            Ok(_) => {
+                // SAFETY: the swap took task `state & INDEX` of `generation`, so that call has
+                // not ended (its caller waits until this task is done) and `tasks`/`job`, read
+                // after seeing this generation, are its values; `job` points to the caller's
+                // live `Job`. The lifetime is only widened for the span of this task.
+                let f: &(dyn Fn(usize) + Sync) = unsafe { *job };
+                let i = (state & INDEX) as usize;
+                take_task(sh, || f(i));
+                sh.done.fetch_add(1, Ordering::Release);
+                state = sh.state.load(Ordering::Acquire);
+            }
+            Err(now) => state = now,
         }
-        take_task(sh, || f(i));
     }
 }
 
-/// The helper: wait for a new generation (spinning, then asleep), do its share, report.
+/// The helper: wait for a new call (spinning, then asleep), take its tasks.
 fn helper_loop(sh: &Shared) {
     // This thread only ever runs the engine's tasks: it keeps flush-to-zero for its life.
     let _ftz = FlushDenormals::new();
-    let mut seen = 0usize;
+    let mut seen = 0u64;
     loop {
         let mut idle_since = Instant::now();
         let mut spins = 0u32;
@@ -280,7 +293,7 @@ fn helper_loop(sh: &Shared) {
             if sh.quit.load(Ordering::Acquire) {
                 return;
             }
-            let g = sh.generation.load(Ordering::Acquire);
+            let g = sh.state.load(Ordering::Acquire) >> 32;
             if g != seen {
                 break g;
             }
@@ -294,22 +307,15 @@ fn helper_loop(sh: &Shared) {
             }
             // Sleep until `run` or `drop` unparks us; re-check after announcing it, so a
             // call that started in between is not missed.
-            sh.sleeping.store(true, Ordering::Release);
-            if sh.generation.load(Ordering::Acquire) == seen && !sh.quit.load(Ordering::Acquire) {
+            sh.sleeping.store(true, Ordering::SeqCst);
+            if sh.state.load(Ordering::SeqCst) >> 32 == seen && !sh.quit.load(Ordering::SeqCst) {
                 std::thread::park_timeout(Duration::from_millis(100));
             }
-            sh.sleeping.store(false, Ordering::Release);
+            sh.sleeping.store(false, Ordering::Relaxed);
             idle_since = Instant::now();
         };
         seen = generation;
-        let job = *lock(&sh.job);
-        if let Some(SendJob(job)) = job {
-            // SAFETY: `run` set this job for `generation` and keeps it alive until it sees
-            // `finished == generation`, which is stored only after the last use below.
-            let f: &(dyn Fn(usize) + Sync) = unsafe { &*job };
-            work(sh, f);
-        }
-        sh.finished.store(generation, Ordering::Release);
+        help(sh, generation);
     }
 }
 
