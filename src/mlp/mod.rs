@@ -450,6 +450,22 @@ impl Mlp {
 
     /// The index and value of the first parameter that is NaN or infinite, if any.
     pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        // Checked every step by the trainers: a vectorised pass first (a float is NaN or
+        // infinite when its exponent bits are all ones, i.e. |bits| ≥ 0x7f80_0000), the
+        // position only when there is one.
+        let any = crate::kernels::vectorised(
+            #[inline(always)]
+            || {
+                self.theta.chunks(1024).any(|c| {
+                    c.iter()
+                        .fold(0u32, |most, x| most.max(x.to_bits() & 0x7fff_ffff))
+                        >= 0x7f80_0000
+                })
+            },
+        );
+        if !any {
+            return None;
+        }
         self.theta
             .iter()
             .position(|p| !p.is_finite())
@@ -1141,6 +1157,30 @@ mod tests {
                     x == y
                 }
             })
+    }
+
+    /// The vectorised scan finds NaN and both infinities wherever they are (first chunk, last
+    /// element, past a chunk boundary) and passes the largest finite values and subnormals.
+    #[test]
+    fn first_non_finite_finds_nan_and_infinities_only() {
+        let mut net =
+            Mlp::new(&[40, 50, 30], Activation::Relu, AdamSettings::default(), 4).unwrap();
+        let n = net.theta.len();
+        assert!(n > 2048);
+        assert_eq!(net.first_non_finite(), None);
+        for finite in [f32::MAX, f32::MIN, f32::MIN_POSITIVE / 4.0, -0.0] {
+            net.theta[n - 1] = finite;
+            assert_eq!(net.first_non_finite(), None, "{finite}");
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+            for at in [0, 1023, 1024, n - 1] {
+                let kept = net.theta[at];
+                net.theta[at] = bad;
+                let found = net.first_non_finite();
+                assert_eq!(found.map(|(i, _)| i), Some(at), "{bad} at {at}");
+                net.theta[at] = kept;
+            }
+        }
     }
 
     /// `rewind` puts back parameters and the step count, and zeroes only non-finite moments.
