@@ -507,12 +507,10 @@ pub struct Ddpm {
     pub verbose: bool,
     /// A time budget and autosaving for [`Ddpm::train`] (none by default).
     pub limits: crate::train::Limits,
-    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output, and the
-    /// parameters before the step (to undo a failed one).
+    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output.
     input: Vec<f32>,
     eps: Vec<f32>,
     dout: Vec<f32>,
-    keep: Vec<f32>,
 }
 
 impl Ddpm {
@@ -551,7 +549,6 @@ impl Ddpm {
             input: vec![],
             eps: vec![],
             dout: vec![],
-            keep: vec![],
         })
     }
 
@@ -669,8 +666,8 @@ impl Ddpm {
     fn guarded_step(&mut self, team: &Team) -> Result<f64> {
         let rng = self.rng.clone();
         let steps = self.denoiser.steps();
-        self.keep.clear();
-        self.keep.extend_from_slice(self.denoiser.parameters());
+        // The update keeps the parameters it replaces (copied by its own tasks).
+        self.denoiser.keep_before_update(true);
         self.load_batch();
         let result =
             self.step(team, Update::Adam)
@@ -689,7 +686,7 @@ impl Ddpm {
                 });
         if result.is_err() {
             self.rng = rng;
-            self.denoiser.rewind(&self.keep, steps)?;
+            self.denoiser.undo_update(steps)?;
         }
         result
     }

@@ -534,8 +534,7 @@ pub struct Gan {
     /// `limits.autosave` set, a checkpoint ([`Gan::save`]) is written between iterations every
     /// so often and when the call ends.
     pub limits: crate::train::Limits,
-    /// A step's buffers: [real; fake] for D, z, G's output, ∂logits, targets, ∂G(z), and the
-    /// parameters before an update (restored if the update is not finite).
+    /// A step's buffers: [real; fake] for D, z, G's output, ∂logits, targets, ∂G(z).
     x: Vec<f32>,
     z: Vec<f32>,
     fake: Vec<f32>,
@@ -543,7 +542,6 @@ pub struct Gan {
     d_targets: Vec<f32>,
     g_targets: Vec<f32>,
     dfake: Vec<f32>,
-    keep: Vec<f32>,
 }
 
 impl Gan {
@@ -577,7 +575,6 @@ impl Gan {
             d_targets: vec![],
             g_targets: vec![],
             dfake: vec![],
-            keep: vec![],
         })
     }
 
@@ -692,12 +689,12 @@ impl Gan {
     fn guarded<T>(&mut self, net: Net, step: impl FnOnce(&mut Gan) -> Result<T>) -> Result<T> {
         let rng = self.rng.clone();
         let mlp = match net {
-            Net::D => &self.d,
-            Net::G => &self.g,
+            Net::D => &mut self.d,
+            Net::G => &mut self.g,
         };
         let steps = mlp.steps();
-        self.keep.clear();
-        self.keep.extend_from_slice(mlp.parameters());
+        // The update keeps the parameters it replaces (copied by its own tasks).
+        mlp.keep_before_update(true);
         let result = step(self);
         if result.is_err() {
             self.rng = rng;
@@ -705,7 +702,7 @@ impl Gan {
                 Net::D => &mut self.d,
                 Net::G => &mut self.g,
             };
-            mlp.rewind(&self.keep, steps)?;
+            mlp.undo_update(steps)?;
         }
         result
     }

@@ -53,6 +53,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
 use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The nonlinearity after a layer.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -189,6 +190,14 @@ pub struct Mlp {
     dinput: Vec<f32>,
     /// hₗ packed as the B operand of ∂Wₗ = ∂aₗᵀ · hₗ.
     packed_in: Vec<Vec<f32>>,
+    /// With [`Mlp::keep_before_update`]: the parameters as they were before the last Adam
+    /// update (copied by its tasks), and the step count they belong to (None: not valid).
+    keep: bool,
+    kept: Vec<f32>,
+    kept_steps: Option<usize>,
+    /// Every parameter is known to be finite (checked where θ was set, and by the update's
+    /// tasks on the rows they changed): then [`Mlp::first_non_finite`] need not look.
+    finite: bool,
     /// Tests only: the weight-update task (an index into `blocks`) that panics at the next
     /// update, after updating its rows and before repacking them.
     #[cfg(test)]
@@ -312,6 +321,10 @@ impl Mlp {
             chunks: vec![],
             ready: false,
             dinput: vec![],
+            keep: false,
+            kept: vec![],
+            kept_steps: None,
+            finite: false,
             #[cfg(test)]
             fault: None,
         }
@@ -448,8 +461,59 @@ impl Mlp {
         Ok(())
     }
 
+    /// Has every Adam update first copy the parameters it replaces, so that
+    /// [`Mlp::undo_update`] can put them back: what a trainer that undoes a failed or
+    /// non-finite step needs. Each update task copies its own rows before changing them, so
+    /// the copy is shared by the threads and read where the update reads anyway, instead of a
+    /// copy of the whole network on one thread before every step. Off by default.
+    pub fn keep_before_update(&mut self, on: bool) {
+        self.keep = on;
+        if !on {
+            self.kept = vec![];
+            self.kept_steps = None;
+        }
+    }
+
+    /// Undoes what changed the network since its step count was `steps`: nothing if no
+    /// update ran since, else the one Adam update since, from the copy that
+    /// [`Mlp::keep_before_update`] has it keep (parameters and step count back). In both cases
+    /// Adam's moments are kept where finite and reset to 0 where they are NaN or infinite, as
+    /// [`Mlp::rewind`] does: the network is then exactly what a checkpoint of it would load as.
+    /// An error if more than one update ran, or the copy was not kept.
+    pub fn undo_update(&mut self, steps: usize) -> Result<()> {
+        if self.steps != steps {
+            ensure(
+                self.steps == steps + 1 && self.kept_steps == Some(steps),
+                "steps",
+                steps,
+                &format!(
+                    "undo_update undoes one update kept by keep_before_update(true) (now at \
+                     step {}): use rewind with parameters you kept",
+                    self.steps
+                ),
+            )?;
+            std::mem::swap(&mut self.theta, &mut self.kept);
+            self.kept_steps = None;
+            self.finite = false;
+            self.steps = steps;
+            self.repack();
+        }
+        for (m, v) in self.m.iter_mut().zip(self.v.iter_mut()) {
+            if !m.is_finite() || !v.is_finite() {
+                (*m, *v) = (0.0, 0.0);
+            }
+        }
+        Ok(())
+    }
+
     /// The index and value of the first parameter that is NaN or infinite, if any.
     pub fn first_non_finite(&self) -> Option<(usize, f32)> {
+        // Checked every step by the trainers: usually known already (the update's tasks
+        // checked the rows they changed), else one vectorised pass, the position only when
+        // there is one.
+        if self.finite || all_finite(&self.theta) {
+            return None;
+        }
         self.theta
             .iter()
             .position(|p| !p.is_finite())
@@ -457,10 +521,12 @@ impl Mlp {
     }
 
     fn restore_parts(&mut self, theta: Vec<f32>, m: Vec<f32>, v: Vec<f32>, steps: usize) {
+        self.finite = all_finite(&theta);
         self.theta = theta;
         self.m = m;
         self.v = v;
         self.steps = steps;
+        self.kept_steps = None;
         self.repack();
     }
 
@@ -671,6 +737,16 @@ impl Mlp {
             Update::Gradient(g) => Some(Raw::of(g)),
             _ => None,
         };
+        let kept = if adam.is_some() && self.keep {
+            if self.kept.len() != self.theta.len() {
+                self.kept = vec![0.0; self.theta.len()];
+            }
+            // Valid once the update's tasks have run (all of them run, even when one fails).
+            self.kept_steps = Some(self.steps);
+            Some(Raw::of(&mut self.kept))
+        } else {
+            None
+        };
         let blocks = &self.blocks;
         #[cfg(test)]
         let sh = Shared {
@@ -686,12 +762,13 @@ impl Mlp {
             // SAFETY: block i alone touches rows r0..r1 of layer li's W, b, m, v, their packed
             // copies and the gradient buffer; ∂a and the packed inputs are complete (stretch 1
             // and the forward pass) and only read.
-            unsafe { update_block(&sh, layers[li], li, (r0, r1), rows, adam, grads) };
+            unsafe { update_block(&sh, layers[li], li, (r0, r1), rows, adam, grads, kept) };
         });
         if adam.is_some() {
             // Every task that ran used step t = steps + 1 for its moments, so the step counts
             // even when a task failed (the others still ran).
             self.steps += 1;
+            self.finite = self.finite && done.is_ok() && !sh.non_finite.load(Ordering::Relaxed);
         }
         if done.is_err() {
             // A failed task may have updated its rows without repacking them: make the packed
@@ -754,11 +831,14 @@ thread_local! {
     static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
-/// ∂W and ∂b for rows r0..r1 of layer `li`, then Adam on them (or stored into `grads`).
+/// ∂W and ∂b for rows r0..r1 of layer `li`, then Adam on them (or stored into `grads`); with
+/// Adam and `kept`, the rows' parameters are first copied there.
 ///
 /// # Safety
 /// The caller alone touches rows r0..r1 of this layer's parameters, moments, packed weights and
-/// gradient rows; ∂a of the layer and its packed input are complete and not written meanwhile.
+/// gradient and kept rows; ∂a of the layer and its packed input are complete and not written
+/// meanwhile.
+#[allow(clippy::too_many_arguments)]
 unsafe fn update_block(
     sh: &Shared,
     d: Dense,
@@ -767,12 +847,23 @@ unsafe fn update_block(
     rows: usize,
     adam: Option<AdamConsts>,
     grads: Option<Raw>,
+    kept: Option<Raw>,
 ) {
     let n = r1 - r0;
+    let (w0, w1, b0) = (d.at + r0 * d.inp, d.at + r1 * d.inp, d.bias() + r0);
+    if let (Some(_), Some(kept)) = (adam, kept) {
+        // First, before anything that could fail: the undo copy of every parameter this task
+        // may change.
+        // SAFETY: rows r0..r1 of W and b belong to this task alone, in θ and in the copy.
+        unsafe {
+            kept.part_mut(w0, w1).copy_from_slice(sh.theta.part(w0, w1));
+            kept.part_mut(b0, b0 + n)
+                .copy_from_slice(sh.theta.part(b0, b0 + n));
+        }
+    }
     // SAFETY: as the function's contract says, these ranges are this task's alone or
     // read-only during this stretch.
     let (da, packed) = unsafe { (sh.da[li].all(), sh.packed_in[li].all()) };
-    let (w0, w1, b0) = (d.at + r0 * d.inp, d.at + r1 * d.inp, d.bias() + r0);
     A_PACK.with(|cell| {
         let mut a_pack = cell.borrow_mut();
         let need = packed_a_len(n, rows);
@@ -814,6 +905,11 @@ unsafe fn update_block(
                 );
                 let [tb, mb, vb] = bias;
                 adam_update(step, tb, mb, vb, db);
+                // SAFETY: the rows this task just updated (their &mut borrows have ended).
+                let updated = unsafe { sh.theta.part(w0, w1) };
+                if !all_finite(updated) || !all_finite(tb) {
+                    sh.non_finite.store(true, Ordering::Relaxed);
+                }
                 #[cfg(test)]
                 if sh.fault == Some((li, r0)) {
                     panic!("injected failure between the update of layer {li}'s rows {r0}.. and their repacking");
@@ -897,6 +993,21 @@ fn validate_layers(layers: &[Layer]) -> Result<()> {
     )
 }
 
+/// No value is NaN or infinite: one vectorised pass (a float is NaN or infinite when its
+/// exponent bits are all ones, i.e. |bits| ≥ 0x7f80_0000).
+fn all_finite(values: &[f32]) -> bool {
+    crate::kernels::vectorised(
+        #[inline(always)]
+        || {
+            values.chunks(1024).all(|c| {
+                c.iter()
+                    .fold(0u32, |most, x| most.max(x.to_bits() & 0x7fff_ffff))
+                    < 0x7f80_0000
+            })
+        },
+    )
+}
+
 fn check_len(what: &str, expected: usize, got: usize) -> Result<()> {
     if expected != got {
         return Err(Error::shape(what, expected, got));
@@ -972,6 +1083,8 @@ struct Shared {
     da: Vec<Raw>,
     dinput: Raw,
     packed_in: Vec<Raw>,
+    /// An update task left a parameter NaN or infinite.
+    non_finite: AtomicBool,
     /// Tests only: the block (layer, first row) that panics after its update.
     #[cfg(test)]
     fault: Option<(usize, usize)>,
@@ -990,6 +1103,7 @@ impl Shared {
             da: raws(&mut net.da),
             dinput: Raw::of(&mut net.dinput),
             packed_in: raws(&mut net.packed_in),
+            non_finite: AtomicBool::new(false),
             #[cfg(test)]
             fault: None,
         }
@@ -1141,6 +1255,72 @@ mod tests {
                     x == y
                 }
             })
+    }
+
+    /// The vectorised scan finds NaN and both infinities wherever they are (first chunk, last
+    /// element, past a chunk boundary) and passes the largest finite values and subnormals.
+    #[test]
+    fn first_non_finite_finds_nan_and_infinities_only() {
+        let mut net =
+            Mlp::new(&[40, 50, 30], Activation::Relu, AdamSettings::default(), 4).unwrap();
+        let n = net.theta.len();
+        assert!(n > 2048);
+        assert_eq!(net.first_non_finite(), None);
+        for finite in [f32::MAX, f32::MIN, f32::MIN_POSITIVE / 4.0, -0.0] {
+            net.theta[n - 1] = finite;
+            assert_eq!(net.first_non_finite(), None, "{finite}");
+        }
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY, -f32::NAN] {
+            for at in [0, 1023, 1024, n - 1] {
+                let kept = net.theta[at];
+                net.theta[at] = bad;
+                // Written behind the network's back: no longer known finite.
+                net.finite = false;
+                let found = net.first_non_finite();
+                assert_eq!(found.map(|(i, _)| i), Some(at), "{bad} at {at}");
+                net.theta[at] = kept;
+            }
+        }
+    }
+
+    /// An update that makes parameters NaN is seen by `first_non_finite` (the update's tasks
+    /// report it), and `undo_update` puts back exactly the parameters from before it, on one
+    /// thread and two; a finite update is not reported.
+    #[test]
+    fn a_non_finite_update_is_seen_and_undone() {
+        let x: Vec<f32> = (0..6 * 3).map(|i| (i % 5) as f32 / 4.0 - 0.5).collect();
+        for threads in [1, 2] {
+            let team = Team::new(threads);
+            let mut net =
+                Mlp::new(&[3, 70, 2], Activation::Relu, AdamSettings::default(), 5).unwrap();
+            net.keep_before_update(true);
+            net.forward(&team, &x).unwrap();
+            net.backward(&team, &[0.25; 12], Update::Adam).unwrap();
+            assert_eq!(net.first_non_finite(), None);
+            let (before, steps) = (net.state(), net.steps());
+            let mut dout = [0.25f32; 12];
+            dout[7] = f32::NAN;
+            net.forward(&team, &x).unwrap();
+            net.backward(&team, &dout, Update::Adam).unwrap();
+            assert!(net.first_non_finite().is_some());
+            net.undo_update(steps).unwrap();
+            let after = net.state();
+            assert_eq!(
+                (after.steps, &after.parameters),
+                (before.steps, &before.parameters)
+            );
+            assert!(after.m.iter().chain(&after.v).all(|v| v.is_finite()));
+            assert_eq!(net.first_non_finite(), None);
+            assert!(
+                net.undo_update(steps + 1).is_err(),
+                "nothing to undo forward"
+            );
+            let rebuilt = Mlp::from_state(net.state()).unwrap();
+            assert!(same(
+                &net.predict(&team, &x).unwrap(),
+                &rebuilt.predict(&team, &x).unwrap()
+            ));
+        }
     }
 
     /// `rewind` puts back parameters and the step count, and zeroes only non-finite moments.

@@ -215,8 +215,6 @@ pub struct Vae {
     z: Vec<f32>,
     dy: Vec<f32>,
     d_enc: Vec<f32>,
-    /// Both networks' parameters before the current step, to undo a failed one.
-    keep: [Vec<f32>; 2],
 }
 
 impl Vae {
@@ -262,7 +260,6 @@ impl Vae {
             z: vec![],
             dy: vec![],
             d_enc: vec![],
-            keep: [vec![], vec![]],
         })
     }
 
@@ -358,10 +355,9 @@ impl Vae {
     fn guarded_step(&mut self, team: &Team, batch: &[usize]) -> Result<StepParts> {
         let noise = self.noise_rng.clone();
         let steps = (self.encoder.steps(), self.decoder.steps());
-        self.keep[0].clear();
-        self.keep[0].extend_from_slice(self.encoder.parameters());
-        self.keep[1].clear();
-        self.keep[1].extend_from_slice(self.decoder.parameters());
+        // Each network's update keeps the parameters it replaces (copied by its own tasks).
+        self.encoder.keep_before_update(true);
+        self.decoder.keep_before_update(true);
         let result = self.load_batch(batch).and_then(|()| {
             let parts = self.step(team, Update::Adam, Update::Adam)?;
             let bad = (self.encoder.first_non_finite())
@@ -387,8 +383,8 @@ impl Vae {
         });
         if result.is_err() {
             self.noise_rng = noise;
-            self.encoder.rewind(&self.keep[0], steps.0)?;
-            self.decoder.rewind(&self.keep[1], steps.1)?;
+            self.encoder.undo_update(steps.0)?;
+            self.decoder.undo_update(steps.1)?;
         }
         result
     }
