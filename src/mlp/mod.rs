@@ -661,7 +661,7 @@ impl Mlp {
         &mut self,
         team: &Team,
         dout: &[f32],
-        mut update: Update<'_>,
+        update: Update<'_>,
         want_input: bool,
     ) -> Result<()> {
         if !self.ready {
@@ -682,48 +682,37 @@ impl Mlp {
             check_len("Mlp::backward (gradient buffer)", self.theta.len(), g.len())?;
         }
         // Stretch 1, by chunks of rows: ∂a of every layer, top down, and ∂input.
-        let sh = Shared::of(self);
-        let (layers, chunks) = (&self.layers, &self.chunks);
-        team.run(chunks.len(), &|q| {
-            let (i0, i1) = chunks[q];
-            // SAFETY: task q alone writes rows i0..i1 of ∂a and ∂input; it reads rows i0..i1
-            // of h and the packed weights, which nobody writes during this stretch.
-            unsafe {
-                let d = layers[top];
-                let da = sh.da[top].part_mut(i0 * d.out, i1 * d.out);
-                let h = sh.h[top + 1].part(i0 * d.out, i1 * d.out);
-                let g = &dout[i0 * d.out..i1 * d.out];
-                for ((a, &h), &g) in da.iter_mut().zip(h).zip(g) {
-                    *a = d.act.backward(h, g);
+        {
+            let top_out = self.output_width();
+            let (rows_of, chunks) = RowViews::of(self);
+            team.run(chunks.len(), &|q| {
+                let (i0, i1) = chunks[q];
+                // SAFETY: task q alone touches rows i0..i1 of ∂a and ∂input (the chunks are
+                // disjoint); the packed weights and h are only read during this stretch.
+                unsafe {
+                    rows_of.da[top]
+                        .part_mut(i0 * top_out, i1 * top_out)
+                        .copy_from_slice(&dout[i0 * top_out..i1 * top_out]);
+                    rows_of.backward_chunk((i0, i1), want_input);
                 }
-                for li in (0..=top).rev() {
-                    let d = layers[li];
-                    let (target, epi) = if li > 0 {
-                        let below = layers[li - 1];
-                        let h = sh.h[li].part(i0 * d.inp, i1 * d.inp);
-                        (sh.da[li - 1], below.act.mask_epilogue(h))
-                    } else if want_input {
-                        (sh.dinput, Epilogue::Store)
-                    } else {
-                        break;
-                    };
-                    let a = sh.da[li].part(i0 * d.out, i1 * d.out);
-                    gemm(
-                        i1 - i0,
-                        d.inp,
-                        d.out,
-                        StridedA::rows(a, d.out),
-                        sh.bwd[li].all(),
-                        target.part_mut(i0 * d.inp, i1 * d.inp),
-                        d.inp,
-                        epi,
-                    );
-                }
-            }
-        })?;
+            })?;
+        }
         // Stretch 2, by blocks of weight rows: ∂W = ∂aᵀ·h over the whole batch, ∂b.
+        update_nets(team, [(self, update)])
+    }
+
+    /// What an update of this network needs from it before its tasks run: Adam's constants
+    /// for step t = steps + 1, where the gradient goes, where the undo copy goes.
+    fn plan_update(&mut self, update: &mut Update<'_>) -> Result<Plan> {
+        if !self.ready {
+            return Err(Error::param(
+                "Mlp::backward",
+                "no forward pass to go back through",
+                "call forward (not infer) on the batch first",
+            ));
+        }
         let adam = match update {
-            Update::None => return Ok(()),
+            Update::None => None,
             Update::Adam => Some(AdamConsts::new(AdamStep {
                 lr: self.adam.lr as f32,
                 beta1: self.adam.beta1 as f32,
@@ -731,9 +720,12 @@ impl Mlp {
                 eps: self.adam.eps as f32,
                 t: i32::try_from(self.steps + 1).unwrap_or(i32::MAX),
             })),
-            Update::Gradient(_) => None,
+            Update::Gradient(g) => {
+                check_len("Mlp::backward (gradient buffer)", self.theta.len(), g.len())?;
+                None
+            }
         };
-        let grads = match &mut update {
+        let grads = match update {
             Update::Gradient(g) => Some(Raw::of(g)),
             _ => None,
         };
@@ -747,35 +739,376 @@ impl Mlp {
         } else {
             None
         };
-        let blocks = &self.blocks;
-        #[cfg(test)]
-        let sh = Shared {
-            fault: self
-                .fault
-                .take()
-                .and_then(|i| blocks.get(i))
-                .map(|b| (b.0, b.1)),
-            ..sh
-        };
-        let done = team.run(blocks.len(), &|i| {
-            let (li, r0, r1) = blocks[i];
-            // SAFETY: block i alone touches rows r0..r1 of layer li's W, b, m, v, their packed
-            // copies and the gradient buffer; ∂a and the packed inputs are complete (stretch 1
-            // and the forward pass) and only read.
-            unsafe { update_block(&sh, layers[li], li, (r0, r1), rows, adam, grads, kept) };
-        });
-        if adam.is_some() {
-            // Every task that ran used step t = steps + 1 for its moments, so the step counts
-            // even when a task failed (the others still ran).
+        let active = adam.is_some() || grads.is_some();
+        Ok(Plan {
+            adam,
+            grads,
+            kept,
+            active,
+        })
+    }
+
+    /// After an update's tasks: the step count (every task that ran used step t for its
+    /// moments, so the step counts even when a task failed), whether θ is known finite, and
+    /// packed copies that match θ again if a task failed between its update and its repacking.
+    fn finish_update(&mut self, plan: &Plan, done: bool, non_finite: bool) {
+        if plan.adam.is_some() {
             self.steps += 1;
-            self.finite = self.finite && done.is_ok() && !sh.non_finite.load(Ordering::Relaxed);
+            self.finite = self.finite && done && !non_finite;
         }
-        if done.is_err() {
-            // A failed task may have updated its rows without repacking them: make the packed
-            // copies match θ again, so the network is what `from_state(state())` would build.
+        if !done && plan.active {
             self.repack();
         }
-        done
+    }
+}
+
+/// What [`update_nets`] does to one network: Adam with these constants, or the gradient
+/// stored here, and the undo copy.
+struct Plan {
+    adam: Option<AdamConsts>,
+    grads: Option<Raw>,
+    kept: Option<Raw>,
+    /// Anything to compute at all (not [`Update::None`]).
+    active: bool,
+}
+
+/// The weight updates of several networks in one stretch of tasks: every network's blocks of
+/// weight rows, largest first, shared by the team (so the threads finish together), each block
+/// computing ∂W = ∂aᵀ·h and ∂b over the whole batch and doing what its network's [`Update`]
+/// says. The second half of a training step, after [`rowwise`] (or a backward pass).
+pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N]) -> Result<()> {
+    let mut nets = nets;
+    let mut plans = Vec::with_capacity(N);
+    for (net, update) in nets.iter_mut() {
+        plans.push(net.plan_update(update)?);
+    }
+    let shared: Vec<Shared> = nets.iter_mut().map(|(net, _)| Shared::of(net)).collect();
+    #[cfg(test)]
+    let shared: Vec<Shared> = shared
+        .into_iter()
+        .zip(nets.iter_mut())
+        .map(|(sh, (net, _))| {
+            let fault = net.fault.take();
+            Shared {
+                fault: fault.and_then(|i| net.blocks.get(i)).map(|b| (b.0, b.1)),
+                ..sh
+            }
+        })
+        .collect();
+    // (network, block), largest first across the networks.
+    let mut tasks: Vec<(usize, usize)> = vec![];
+    for (k, (net, _)) in nets.iter().enumerate() {
+        if plans[k].active {
+            tasks.extend((0..net.blocks.len()).map(|b| (k, b)));
+        }
+    }
+    let size = |&(k, b): &(usize, usize)| {
+        let (li, r0, r1) = nets[k].0.blocks[b];
+        (r1 - r0) * nets[k].0.layers[li].inp
+    };
+    tasks.sort_by_key(|t| std::cmp::Reverse(size(t)));
+    let done = {
+        let views: Vec<(&[Dense], &[(usize, usize, usize)], usize)> = nets
+            .iter()
+            .map(|(net, _)| (&net.layers[..], &net.blocks[..], net.rows))
+            .collect();
+        team.run(tasks.len(), &|i| {
+            let (k, b) = tasks[i];
+            let (layers, blocks, rows) = views[k];
+            let (li, r0, r1) = blocks[b];
+            let plan = &plans[k];
+            // SAFETY: block b alone touches rows r0..r1 of layer li's W, b, m, v, their packed
+            // copies, the gradient buffer and the undo copy of network k; ∂a and the packed
+            // inputs are complete (the forward and backward passes) and only read.
+            unsafe {
+                update_block(
+                    &shared[k],
+                    layers[li],
+                    li,
+                    (r0, r1),
+                    rows,
+                    plan.adam,
+                    plan.grads,
+                    plan.kept,
+                )
+            };
+        })
+    };
+    for (k, (net, _)) in nets.iter_mut().enumerate() {
+        let non_finite = shared[k].non_finite.load(Ordering::Relaxed);
+        net.finish_update(&plans[k], done.is_ok(), non_finite);
+    }
+    done
+}
+
+/// The first half of a training step for networks that share a batch of `rows` rows (a VAE's
+/// encoder and decoder, a generator and the discriminator it is judged by): the batch is cut
+/// into chunks of rows, and `body` takes one chunk through everything that is row by row (the
+/// forward passes, the loss and its gradient, the backward passes down to ∂input), with
+/// [`NetRows`] views of each network's rows; one task per chunk, shared by the team, so the
+/// glue between the networks runs on both threads too and the team waits once, not once per
+/// network and pass. `results[q]` gets chunk q's return value (its share of the loss). Then
+/// [`update_nets`] does the weight updates. Chunks are fixed by `rows`, so one thread and two
+/// give the same results.
+pub fn rowwise<T: Send + Default, const N: usize>(
+    team: &Team,
+    nets: [&mut Mlp; N],
+    rows: usize,
+    results: &mut Vec<T>,
+    body: &(dyn Fn(&mut [NetRows<'_>; N]) -> T + Sync),
+) -> Result<()> {
+    ensure(
+        (1..=MAX_ROWS).contains(&rows),
+        "rows",
+        rows,
+        &format!("a batch has between 1 and {MAX_ROWS} rows"),
+    )?;
+    let mut nets = nets;
+    for net in nets.iter_mut() {
+        net.size_for(rows, true);
+        net.ready = false;
+    }
+    let Some(count) = nets.first().map(|net| net.chunks.len()) else {
+        return Ok(());
+    };
+    results.clear();
+    results.resize_with(count, T::default);
+    let out = SendPtr(results.as_mut_ptr());
+    let done = {
+        // Every network was sized for the same rows, so all have the same chunks.
+        let parts = nets.each_mut().map(|net| RowViews::of(net));
+        let chunks = parts[0].1;
+        let views = parts.map(|(views, _)| views);
+        team.run(chunks.len(), &|q| {
+            let range = chunks[q];
+            let mut rows_of: [NetRows<'_>; N] = std::array::from_fn(|k| NetRows {
+                views: &views[k],
+                range,
+            });
+            let value = body(&mut rows_of);
+            // SAFETY: `results` has one slot per chunk and task q alone writes slot q.
+            unsafe { *out.slot(q) = value };
+        })
+    };
+    if done.is_ok() {
+        for net in nets.iter_mut() {
+            net.ready = true;
+        }
+    }
+    done
+}
+
+/// A pointer to per-task result slots, shared by the tasks of one call.
+struct SendPtr<T>(*mut T);
+// SAFETY: each task writes only its own slot (see `rowwise`), and T is Send.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+impl<T> SendPtr<T> {
+    /// Slot q (in bounds: the caller's task index).
+    fn slot(&self, q: usize) -> *mut T {
+        self.0.wrapping_add(q)
+    }
+}
+
+/// A network's row buffers and (read-only) weights during a stretch of row tasks.
+struct RowViews<'a> {
+    layers: &'a [Dense],
+    theta: &'a [f32],
+    fwd: &'a [Vec<f32>],
+    bwd: &'a [Vec<f32>],
+    rows: usize,
+    h: Vec<Raw>,
+    da: Vec<Raw>,
+    packed_in: Vec<Raw>,
+    dinput: Raw,
+}
+
+impl<'a> RowViews<'a> {
+    /// The views, and the chunks of rows the batch is cut into.
+    fn of(net: &'a mut Mlp) -> (RowViews<'a>, &'a [(usize, usize)]) {
+        let raws = |v: &mut Vec<Vec<f32>>| v.iter_mut().map(|b| Raw::of(b)).collect();
+        let Mlp {
+            layers,
+            theta,
+            fwd,
+            bwd,
+            rows,
+            h,
+            da,
+            packed_in,
+            dinput,
+            chunks,
+            ..
+        } = net;
+        let views = RowViews {
+            layers,
+            theta,
+            fwd,
+            bwd,
+            rows: *rows,
+            h: raws(h),
+            da: raws(da),
+            packed_in: raws(packed_in),
+            dinput: Raw::of(dinput),
+        };
+        (views, chunks)
+    }
+
+    /// hₗ₊₁ = act(hₗ·Wₗᵀ + bₗ) for rows i0..i1 (h₀'s rows already in place), each hₗ also
+    /// packed as the B operand of ∂Wₗ when training (no packed buffers: inference).
+    ///
+    /// # Safety
+    /// The caller alone touches rows i0..i1 of every row buffer during the stretch.
+    unsafe fn forward_chunk(&self, (i0, i1): (usize, usize)) {
+        for (li, d) in self.layers.iter().enumerate() {
+            // SAFETY: rows i0..i1 are this task's (the function's contract).
+            let input = unsafe { self.h[li].part(i0 * d.inp, i1 * d.inp) };
+            if let Some(packed) = self.packed_in.get(li) {
+                // SAFETY: packed_in[li] holds rows · panel_cols(inp) floats (size_for) and
+                // this task alone writes its rows i0..i1.
+                unsafe { pack_b_rows(input, i0, self.rows, d.inp, packed.ptr) };
+            }
+            // SAFETY: as above.
+            let out = unsafe { self.h[li + 1].part_mut(i0 * d.out, i1 * d.out) };
+            let bias = &self.theta[d.bias()..d.bias() + d.out];
+            gemm(
+                i1 - i0,
+                d.out,
+                d.inp,
+                StridedA::rows(input, d.inp),
+                &self.fwd[li],
+                out,
+                d.out,
+                d.act.forward_epilogue(bias),
+            );
+        }
+    }
+
+    /// From ∂L/∂output in rows i0..i1 of the top ∂a buffer: ∂a of every layer, top down
+    /// (∂aₗ = ∂hₗ₊₁ ⊙ act′), and ∂input when `want_input`.
+    ///
+    /// # Safety
+    /// As for [`RowViews::forward_chunk`].
+    unsafe fn backward_chunk(&self, (i0, i1): (usize, usize), want_input: bool) {
+        let top = self.layers.len() - 1;
+        let d = self.layers[top];
+        if d.act != Activation::Identity {
+            // SAFETY: rows i0..i1 are this task's.
+            let (da, h) = unsafe {
+                (
+                    self.da[top].part_mut(i0 * d.out, i1 * d.out),
+                    self.h[top + 1].part(i0 * d.out, i1 * d.out),
+                )
+            };
+            for (a, &h) in da.iter_mut().zip(h) {
+                *a = d.act.backward(h, *a);
+            }
+        }
+        for li in (0..=top).rev() {
+            let d = self.layers[li];
+            // SAFETY: rows i0..i1 are this task's.
+            let (target, epi) = unsafe {
+                if li > 0 {
+                    let below = self.layers[li - 1];
+                    let h = self.h[li].part(i0 * d.inp, i1 * d.inp);
+                    (
+                        self.da[li - 1].part_mut(i0 * d.inp, i1 * d.inp),
+                        below.act.mask_epilogue(h),
+                    )
+                } else if want_input {
+                    (self.dinput.part_mut(i0 * d.inp, i1 * d.inp), Epilogue::Store)
+                } else {
+                    break;
+                }
+            };
+            // SAFETY: as above.
+            let a = unsafe { self.da[li].part(i0 * d.out, i1 * d.out) };
+            gemm(
+                i1 - i0,
+                d.inp,
+                d.out,
+                StridedA::rows(a, d.out),
+                &self.bwd[li],
+                target,
+                d.inp,
+                epi,
+            );
+        }
+    }
+}
+
+/// One network's rows i0..i1 inside a task of [`rowwise`]: its input, forward pass, output,
+/// ∂output and backward pass for just these rows.
+pub struct NetRows<'a> {
+    views: &'a RowViews<'a>,
+    range: (usize, usize),
+}
+
+impl NetRows<'_> {
+    /// The rows of the batch this task holds (i0..i1).
+    pub fn range(&self) -> (usize, usize) {
+        self.range
+    }
+
+    /// Where these rows lie in a buffer of `width` values a row.
+    fn span(&self, width: usize) -> (usize, usize) {
+        (self.range.0 * width, self.range.1 * width)
+    }
+
+    /// The input rows, to fill before [`NetRows::forward`].
+    pub fn input_mut(&mut self) -> &mut [f32] {
+        let (a, b) = self.span(self.views.layers[0].inp);
+        // SAFETY: this task alone holds rows i0..i1 (`rowwise` gives each chunk to one task)
+        // and `&mut self` makes this the only live view of them.
+        unsafe { self.views.h[0].part_mut(a, b) }
+    }
+
+    /// The input rows.
+    pub fn input(&self) -> &[f32] {
+        let (a, b) = self.span(self.views.layers[0].inp);
+        // SAFETY: as for `input_mut`; `&self` rules out a live mutable view.
+        unsafe { self.views.h[0].part(a, b) }
+    }
+
+    /// hₗ₊₁ = act(hₗ·Wₗᵀ + bₗ) through every layer for these rows; returns the output rows.
+    pub fn forward(&mut self) -> &[f32] {
+        // SAFETY: this task alone holds rows i0..i1 of the network's row buffers.
+        unsafe { self.views.forward_chunk(self.range) };
+        self.output()
+    }
+
+    /// The output rows of [`NetRows::forward`].
+    pub fn output(&self) -> &[f32] {
+        let top = self.views.layers.len();
+        let (a, b) = self.span(self.views.layers[top - 1].out);
+        // SAFETY: as for `input`.
+        unsafe { self.views.h[top].part(a, b) }
+    }
+
+    /// The output rows, and the rows of ∂L/∂output to fill before [`NetRows::backward`].
+    pub fn output_and_grad(&mut self) -> (&[f32], &mut [f32]) {
+        let top = self.views.layers.len();
+        let (a, b) = self.span(self.views.layers[top - 1].out);
+        // SAFETY: as for `input_mut`; the two buffers are distinct allocations.
+        unsafe {
+            (
+                self.views.h[top].part(a, b),
+                self.views.da[top - 1].part_mut(a, b),
+            )
+        }
+    }
+
+    /// Back from ∂L/∂output (filled through [`NetRows::output_and_grad`]) through every layer:
+    /// ∂aₗ for the weight update, and ∂L/∂input (returned; empty unless `want_input`).
+    pub fn backward(&mut self, want_input: bool) -> &[f32] {
+        // SAFETY: this task alone holds rows i0..i1 of the network's row buffers.
+        unsafe { self.views.backward_chunk(self.range, want_input) };
+        if !want_input {
+            return &[];
+        }
+        let (a, b) = self.span(self.views.layers[0].inp);
+        // SAFETY: as for `input`.
+        unsafe { self.views.dinput.part(a, b) }
     }
 }
 
@@ -792,36 +1125,27 @@ fn run_forward(
     x: &[f32],
     team: &Team,
 ) -> Result<()> {
-    let rows = x.len() / layers[0].inp;
-    let h: Vec<Raw> = h.iter_mut().map(|b| Raw::of(b)).collect();
-    let packed: Option<Vec<Raw>> = packed_in.map(|p| p.iter_mut().map(|b| Raw::of(b)).collect());
+    let views = RowViews {
+        layers,
+        theta,
+        fwd,
+        bwd: &[],
+        rows: x.len() / layers[0].inp,
+        h: h.iter_mut().map(|b| Raw::of(b)).collect(),
+        da: vec![],
+        packed_in: packed_in.map_or(vec![], |p| p.iter_mut().map(|b| Raw::of(b)).collect()),
+        dinput: Raw::of(&mut []),
+    };
     team.run(chunks.len(), &|q| {
         let (i0, i1) = chunks[q];
         let w0 = layers[0].inp;
-        // SAFETY: task q alone writes rows i0..i1 of every activation buffer and of the
-        // packed inputs; the weights are only read during this call.
-        unsafe { h[0].part_mut(i0 * w0, i1 * w0) }.copy_from_slice(&x[i0 * w0..i1 * w0]);
-        for (li, d) in layers.iter().enumerate() {
-            // SAFETY: as above (rows i0..i1 of hₗ were written by this task).
-            let input = unsafe { h[li].part(i0 * d.inp, i1 * d.inp) };
-            if let Some(p) = &packed {
-                // SAFETY: packed_in[li] holds rows · panel_cols(inp) floats (size_for) and
-                // this task alone writes its rows i0..i1.
-                unsafe { pack_b_rows(input, i0, rows, d.inp, p[li].ptr) };
-            }
-            // SAFETY: as above.
-            let out = unsafe { h[li + 1].part_mut(i0 * d.out, i1 * d.out) };
-            let bias = &theta[d.bias()..d.bias() + d.out];
-            gemm(
-                i1 - i0,
-                d.out,
-                d.inp,
-                StridedA::rows(input, d.inp),
-                &fwd[li],
-                out,
-                d.out,
-                d.act.forward_epilogue(bias),
-            );
+        // SAFETY: task q alone touches rows i0..i1 of every row buffer (the chunks are
+        // disjoint); the weights are only read during this call.
+        unsafe {
+            views.h[0]
+                .part_mut(i0 * w0, i1 * w0)
+                .copy_from_slice(&x[i0 * w0..i1 * w0]);
+            views.forward_chunk((i0, i1));
         }
     })
 }
@@ -1079,9 +1403,7 @@ struct Shared {
     v: Raw,
     fwd: Vec<Raw>,
     bwd: Vec<Raw>,
-    h: Vec<Raw>,
     da: Vec<Raw>,
-    dinput: Raw,
     packed_in: Vec<Raw>,
     /// An update task left a parameter NaN or infinite.
     non_finite: AtomicBool,
@@ -1099,9 +1421,7 @@ impl Shared {
             v: Raw::of(&mut net.v),
             fwd: raws(&mut net.fwd),
             bwd: raws(&mut net.bwd),
-            h: raws(&mut net.h),
             da: raws(&mut net.da),
-            dinput: Raw::of(&mut net.dinput),
             packed_in: raws(&mut net.packed_in),
             non_finite: AtomicBool::new(false),
             #[cfg(test)]

@@ -23,7 +23,7 @@
 use crate::data::{check_rows, load_digits, Batches, Digits, Images, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
 use crate::mlp::AdamSettings;
-use crate::mlp::{Activation, Mlp, MlpState, Team, Update};
+use crate::mlp::{rowwise, update_nets, Activation, Mlp, MlpState, Team, Update};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -209,12 +209,10 @@ pub struct Vae {
     /// Print progress while training (on by default): the first and last epoch of each
     /// `train` call, and an epoch whenever 2 seconds have passed since the last line.
     pub verbose: bool,
-    /// A step's buffers: the minibatch, ε, z, ∂logits and ∂[μ, log σ²].
+    /// A step's buffers: the minibatch, ε, and each chunk's sums of (reconstruction, KL).
     x: Vec<f32>,
     eps: Vec<f32>,
-    z: Vec<f32>,
-    dy: Vec<f32>,
-    d_enc: Vec<f32>,
+    chunk_sums: Vec<(f64, f64)>,
 }
 
 impl Vae {
@@ -257,9 +255,7 @@ impl Vae {
             verbose: true,
             x: vec![],
             eps: vec![],
-            z: vec![],
-            dy: vec![],
-            d_enc: vec![],
+            chunk_sums: vec![],
         })
     }
 
@@ -310,13 +306,40 @@ impl Vae {
     ) -> Result<StepParts> {
         let (l, b) = (self.config.latent, self.x.len() / PIXELS);
         let scale = 1.0 / b as f32;
-        // q(z|x): [μ, log σ²] = encoder(x)
-        let out = self.encoder.forward(team, &self.x)?;
-        // z = μ + σ ⊙ ε, and KL(q(z|x) ‖ N(0, I)) = −½ Σ (1 + log σ² − μ² − σ²)
-        let kl = reparameterise(out, &self.eps, &mut self.z, l);
-        // p(x|z): logits (or means) = decoder(z); −log p(x|z) and its gradient ∂y
-        let y = self.decoder.forward(team, &self.z)?;
-        let rec = reconstruction(y, &self.x, &mut self.dy, self.config.likelihood, scale);
+        let sb = (self.config.beta as f32) * scale;
+        let (x, eps, likelihood) = (&self.x, &self.eps, self.config.likelihood);
+        // Everything row by row, one chunk of the minibatch per task: forward through both
+        // networks, the loss and its gradient, backward down to the encoder's first layer.
+        rowwise(
+            team,
+            [&mut self.encoder, &mut self.decoder],
+            b,
+            &mut self.chunk_sums,
+            &|[enc, dec]| {
+                let (i0, i1) = enc.range();
+                enc.input_mut()
+                    .copy_from_slice(&x[i0 * PIXELS..i1 * PIXELS]);
+                // q(z|x): [μ, log σ²] = encoder(x)
+                let out = enc.forward();
+                // z = μ + σ ⊙ ε, and KL(q(z|x) ‖ N(0, I)) = −½ Σ (1 + log σ² − μ² − σ²)
+                let eps = &eps[i0 * l..i1 * l];
+                let kl = reparameterise(out, eps, dec.input_mut(), l);
+                // p(x|z): logits (or means) = decoder(z); −log p(x|z) and its gradient ∂y
+                dec.forward();
+                let (y, dy) = dec.output_and_grad();
+                let rec = reconstruction(y, enc.input(), dy, likelihood, scale);
+                // Backward through the decoder down to ∂z
+                let dz = dec.backward(true);
+                // Through z = μ + σ ε and β·KL to ∂μ, ∂log σ²
+                let (out, d_enc) = enc.output_and_grad();
+                reparameterise_backward(out, eps, dz, sb, d_enc, l);
+                // Backward through the encoder (its input needs no gradient)
+                enc.backward(false);
+                (rec, kl)
+            },
+        )?;
+        let (rec, kl) = (self.chunk_sums.iter())
+            .fold((0.0, 0.0), |(r, k), &(cr, ck)| (r + cr, k + ck));
         let loss = (rec + self.config.beta * kl) / b as f64;
         if !loss.is_finite() {
             // Stop before any update: the networks keep their last finite parameters.
@@ -329,22 +352,11 @@ impl Vae {
                 ),
             });
         }
-        // Backward through the decoder (Adam fused in) down to ∂z
-        let dz = self
-            .decoder
-            .backward_with_input(team, &self.dy, dec_update)?;
-        // Through z = μ + σ ε and β·KL to ∂μ, ∂log σ²
-        let sb = (self.config.beta as f32) * scale;
-        reparameterise_backward(
-            self.encoder.last_output(),
-            &self.eps,
-            dz,
-            sb,
-            &mut self.d_enc,
-            l,
-        );
-        // Backward through the encoder (Adam fused in)
-        self.encoder.backward(team, &self.d_enc, enc_update)?;
+        // Both networks' weight updates (Adam fused in), in one stretch of tasks.
+        update_nets(
+            team,
+            [(&mut self.encoder, enc_update), (&mut self.decoder, dec_update)],
+        )?;
         Ok((loss, rec / b as f64, kl / b as f64))
     }
 
@@ -400,9 +412,6 @@ impl Vae {
         for e in self.eps.iter_mut() {
             *e = StandardNormal.sample(&mut self.noise_rng);
         }
-        self.z.resize(b * l, 0.0);
-        self.dy.resize(b * PIXELS, 0.0);
-        self.d_enc.resize(b * 2 * l, 0.0);
         Ok(())
     }
 
