@@ -22,7 +22,8 @@
 
 use crate::data::{check_rows, load_digits, Scale};
 use crate::error::{ensure, Error, Result};
-use crate::mlp::{Activation, FlushDenormals, Mlp, MlpState, Team, Update};
+use crate::loss::bce_with_logits;
+use crate::mlp::{rowwise, update_nets, Activation, FlushDenormals, Mlp, MlpState, Team, Update};
 use crate::plot::Figure;
 use crate::train::AdamSettings;
 use rand::{Rng as _, SeedableRng};
@@ -534,14 +535,14 @@ pub struct Gan {
     /// `limits.autosave` set, a checkpoint ([`Gan::save`]) is written between iterations every
     /// so often and when the call ends.
     pub limits: crate::train::Limits,
-    /// A step's buffers: [real; fake] for D, z, G's output, ∂logits, targets, ∂G(z).
+    /// A step's buffers: [real; fake] for D, z, the targets of D's BCE.
     x: Vec<f32>,
     z: Vec<f32>,
-    fake: Vec<f32>,
-    dlogits: Vec<f32>,
     d_targets: Vec<f32>,
     g_targets: Vec<f32>,
-    dfake: Vec<f32>,
+    /// Each chunk's sums of a D step (BCE, Σ D(real), Σ D(fake)) and of a G step (BCE).
+    d_sums: Vec<[f64; 3]>,
+    g_sums: Vec<[f64; 3]>,
 }
 
 impl Gan {
@@ -570,11 +571,10 @@ impl Gan {
             limits: Default::default(),
             x: vec![],
             z: vec![],
-            fake: vec![],
-            dlogits: vec![],
             d_targets: vec![],
             g_targets: vec![],
-            dfake: vec![],
+            d_sums: vec![],
+            g_sums: vec![],
         })
     }
 
@@ -629,9 +629,6 @@ impl Gan {
         let rows = b / m;
         self.x.resize(2 * b * dim, 0.0);
         self.z.resize(b * l, 0.0);
-        self.fake.resize(b * dim, 0.0);
-        self.dfake.resize(b * dim, 0.0);
-        self.dlogits.resize(2 * rows, 0.0);
         if self.d_targets.len() != 2 * rows {
             // [1; 0] for the D step; the G step's target (1 or 0) is set per loss.
             self.d_targets = (0..2 * rows)
@@ -661,17 +658,42 @@ impl Gan {
         fill_normal(&mut self.rng, &mut self.z);
         let out = self.g.infer(team, &self.z)?;
         apply_output(self.config.output, out, &mut self.x[b * dim..]);
-        // logits = D([real; fake]): each row of the packed view is m samples side by side
-        let logits = self.d.forward(team, &self.x)?;
-        // L_D = mean BCE(D(real), 1) + mean BCE(D(fake), 0), and ∂L_D/∂logits
+        let (x, targets, width) = (&self.x, &self.d_targets, self.d.input_width());
         let scale = 1.0 / rows as f32;
-        let loss =
-            crate::loss::bce_with_logits(logits, &self.d_targets, &mut self.dlogits, scale, rows)
-                / rows as f64;
-        let (d_real, d_fake) = (mean_sigmoid(&logits[..rows]), mean_sigmoid(&logits[rows..]));
+        // One chunk of rows per task: logits = D([real; fake]) (each row of the packed view is
+        // m samples side by side), L_D = mean BCE(D(real), 1) + mean BCE(D(fake), 0), its
+        // gradient, and back through D.
+        rowwise(
+            team,
+            [&mut self.d],
+            [2 * rows],
+            &mut self.d_sums,
+            &|[d]| {
+                let (i0, i1) = d.range();
+                d.input_mut()
+                    .copy_from_slice(&x[i0 * width..i1 * width]);
+                d.forward();
+                let (logits, dlogits) = d.output_and_grad();
+                let bce = bce_with_logits(logits, &targets[i0..i1], dlogits, scale, i1 - i0);
+                // Σ D(x) over the real rows and over the fake rows of this chunk
+                let (mut real, mut fake) = (0.0, 0.0);
+                for (i, &y) in (i0..i1).zip(logits.iter()) {
+                    if i < rows {
+                        real += sigmoid(y) as f64;
+                    } else {
+                        fake += sigmoid(y) as f64;
+                    }
+                }
+                d.backward(false);
+                [bce, real, fake]
+            },
+        )?;
+        let [bce, real, fake] = sum_chunks(&self.d_sums);
+        let loss = bce / rows as f64;
+        let (d_real, d_fake) = (real / rows as f64, fake / rows as f64);
         self.check_loss(Net::D, iteration, loss)?;
-        // Backward through D, Adam fused in
-        self.d.backward(team, &self.dlogits, Update::Adam)?;
+        // D's weight update, Adam fused in
+        update_nets(team, [(&mut self.d, Update::Adam)])?;
         self.check_update(Net::D, iteration)?;
         Ok((loss, d_real, d_fake))
     }
@@ -710,34 +732,45 @@ impl Gan {
     fn g_step_inner(&mut self, team: &Team, iteration: usize) -> Result<f64> {
         self.size_buffers();
         let rows = self.config.batch_size / self.config.pack;
-        // fake = G(z), keeping what G's backward needs
         fill_normal(&mut self.rng, &mut self.z);
-        let out = self.g.forward(team, &self.z)?;
-        apply_output(self.config.output, out, &mut self.fake);
-        // logits = D(fake)
-        let logits = self.d.forward(team, &self.fake)?;
         // the G loss and ∂/∂logits: BCE(y, 1), or −BCE(y, 0) (its gradient is −σ(y))
         let sign = match self.config.loss {
             GanLoss::NonSaturating => 1.0,
             GanLoss::Minimax => -1.0,
         };
         let scale = sign / rows as f32;
-        let bce = crate::loss::bce_with_logits(
-            logits,
-            &self.g_targets[..rows],
-            &mut self.dlogits[..rows],
-            scale,
-            rows,
-        );
-        let loss = sign as f64 * bce / rows as f64;
+        let (z, targets, output) = (&self.z, &self.g_targets, self.config.output);
+        let width = self.g.input_width();
+        // One chunk of rows per task, through G and then D and back (a PacGAN D row is m of G's
+        // rows side by side: the same floats).
+        rowwise(
+            team,
+            [&mut self.g, &mut self.d],
+            [self.config.batch_size, rows],
+            &mut self.g_sums,
+            &|[g, d]| {
+                let (i0, i1) = d.range();
+                let (j0, j1) = g.range();
+                g.input_mut().copy_from_slice(&z[j0 * width..j1 * width]);
+                // fake = G(z), keeping what G's backward needs
+                apply_output(output, g.forward(), d.input_mut());
+                // logits = D(fake)
+                d.forward();
+                let (logits, dlogits) = d.output_and_grad();
+                let bce = bce_with_logits(logits, &targets[i0..i1], dlogits, scale, i1 - i0);
+                // ∂L/∂fake through D, which is left unchanged (no update below)
+                d.backward(true);
+                let (_, d_out) = g.output_and_grad();
+                output_backward(output, d.input(), d.input_grad(), d_out);
+                // Back through G
+                g.backward(false);
+                [bce, 0.0, 0.0]
+            },
+        )?;
+        let loss = sign as f64 * sum_chunks(&self.g_sums)[0] / rows as f64;
         self.check_loss(Net::G, iteration, loss)?;
-        // ∂L/∂fake through D, which is left unchanged (Update::None)
-        let dx = self
-            .d
-            .backward_with_input(team, &self.dlogits[..rows], Update::None)?;
-        output_backward(self.config.output, &self.fake, dx, &mut self.dfake);
-        // Backward through G, Adam fused in
-        self.g.backward(team, &self.dfake, Update::Adam)?;
+        // G's weight update, Adam fused in
+        update_nets(team, [(&mut self.g, Update::Adam)])?;
         self.check_update(Net::G, iteration)?;
         Ok(loss)
     }
@@ -1349,6 +1382,13 @@ fn fill_normal(rng: &mut ChaCha12Rng, out: &mut [f32]) {
 
 fn sigmoid(y: f32) -> f32 {
     1.0 / (1.0 + (-y).exp())
+}
+
+/// The chunks' partial sums of a step, added in chunk order.
+fn sum_chunks(parts: &[[f64; 3]]) -> [f64; 3] {
+    parts.iter().fold([0.0; 3], |acc, p| {
+        [acc[0] + p[0], acc[1] + p[1], acc[2] + p[2]]
+    })
 }
 
 fn mean_sigmoid(logits: &[f32]) -> f64 {

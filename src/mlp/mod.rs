@@ -841,49 +841,63 @@ pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N
     done
 }
 
-/// The first half of a training step for networks that share a batch of `rows` rows (a VAE's
-/// encoder and decoder, a generator and the discriminator it is judged by): the batch is cut
-/// into chunks of rows, and `body` takes one chunk through everything that is row by row (the
-/// forward passes, the loss and its gradient, the backward passes down to ∂input), with
-/// [`NetRows`] views of each network's rows; one task per chunk, shared by the team, so the
-/// glue between the networks runs on both threads too and the team waits once, not once per
-/// network and pass. `results[q]` gets chunk q's return value (its share of the loss). Then
-/// [`update_nets`] does the weight updates. Chunks are fixed by `rows`, so one thread and two
-/// give the same results.
+/// The first half of a training step for networks that share a batch (a VAE's encoder and
+/// decoder, a generator and the discriminator it is judged by): the batch is cut into chunks,
+/// and `body` takes one chunk through everything that is row by row (the forward passes, the
+/// loss and its gradient, the backward passes down to ∂input), with [`NetRows`] views of each
+/// network's rows; one task per chunk, shared by the team, so the glue between the networks
+/// runs on both threads too and the team waits once, not once per network and pass.
+///
+/// Network k sees `rows[k]` rows; each must be a whole multiple of the smallest, u (a
+/// PacGAN discriminator sees u rows of m samples side by side, its generator m·u rows): chunk q
+/// holds units u₀..u₁ of u, i.e. rows u₀·rows[k]/u .. u₁·rows[k]/u of network k.
+/// `results[q]` gets chunk q's return value (its share of the loss). Then [`update_nets`] does
+/// the weight updates. Chunks are fixed by the rows, so one thread and two give the same
+/// results.
 pub fn rowwise<T: Send + Default, const N: usize>(
     team: &Team,
     nets: [&mut Mlp; N],
-    rows: usize,
+    rows: [usize; N],
     results: &mut Vec<T>,
     body: &(dyn Fn(&mut [NetRows<'_>; N]) -> T + Sync),
 ) -> Result<()> {
-    ensure(
-        (1..=MAX_ROWS).contains(&rows),
-        "rows",
-        rows,
-        &format!("a batch has between 1 and {MAX_ROWS} rows"),
-    )?;
-    let mut nets = nets;
-    for net in nets.iter_mut() {
-        net.size_for(rows, true);
-        net.ready = false;
-    }
-    let Some(count) = nets.first().map(|net| net.chunks.len()) else {
+    let Some(&units) = rows.iter().min() else {
         return Ok(());
     };
+    for &r in &rows {
+        ensure(
+            (1..=MAX_ROWS).contains(&r),
+            "rows",
+            r,
+            &format!("a batch has between 1 and {MAX_ROWS} rows"),
+        )?;
+        if !r.is_multiple_of(units) {
+            return Err(Error::shape(
+                "rowwise (rows of each network)",
+                format!("whole multiples of {units}"),
+                format!("{rows:?}"),
+            ));
+        }
+    }
+    let mut nets = nets;
+    for (net, &r) in nets.iter_mut().zip(&rows) {
+        net.size_for(r, true);
+        net.ready = false;
+    }
+    let chunks = row_chunks(units, tile_rows());
     results.clear();
-    results.resize_with(count, T::default);
+    results.resize_with(chunks.len(), T::default);
     let out = SendPtr(results.as_mut_ptr());
     let done = {
-        // Every network was sized for the same rows, so all have the same chunks.
-        let parts = nets.each_mut().map(|net| RowViews::of(net));
-        let chunks = parts[0].1;
-        let views = parts.map(|(views, _)| views);
+        let views = nets.each_mut().map(|net| RowViews::of(net).0);
         team.run(chunks.len(), &|q| {
-            let range = chunks[q];
-            let mut rows_of: [NetRows<'_>; N] = std::array::from_fn(|k| NetRows {
-                views: &views[k],
-                range,
+            let (u0, u1) = chunks[q];
+            let mut rows_of: [NetRows<'_>; N] = std::array::from_fn(|k| {
+                let per = rows[k] / units;
+                NetRows {
+                    views: &views[k],
+                    range: (u0 * per, u1 * per),
+                }
             });
             let value = body(&mut rows_of);
             // SAFETY: `results` has one slot per chunk and task q alone writes slot q.
@@ -1106,6 +1120,11 @@ impl NetRows<'_> {
         if !want_input {
             return &[];
         }
+        self.input_grad()
+    }
+
+    /// ∂L/∂input of the last [`NetRows::backward`] that asked for it.
+    pub fn input_grad(&self) -> &[f32] {
         let (a, b) = self.span(self.views.layers[0].inp);
         // SAFETY: as for `input`.
         unsafe { self.views.dinput.part(a, b) }

@@ -313,7 +313,7 @@ impl Vae {
         rowwise(
             team,
             [&mut self.encoder, &mut self.decoder],
-            b,
+            [b, b],
             &mut self.chunk_sums,
             &|[enc, dec]| {
                 let (i0, i1) = enc.range();
