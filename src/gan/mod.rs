@@ -663,31 +663,24 @@ impl Gan {
         // One chunk of rows per task: logits = D([real; fake]) (each row of the packed view is
         // m samples side by side), L_D = mean BCE(D(real), 1) + mean BCE(D(fake), 0), its
         // gradient, and back through D.
-        rowwise(
-            team,
-            [&mut self.d],
-            [2 * rows],
-            &mut self.d_sums,
-            &|[d]| {
-                let (i0, i1) = d.range();
-                d.input_mut()
-                    .copy_from_slice(&x[i0 * width..i1 * width]);
-                d.forward();
-                let (logits, dlogits) = d.output_and_grad();
-                let bce = bce_with_logits(logits, &targets[i0..i1], dlogits, scale, i1 - i0);
-                // Σ D(x) over the real rows and over the fake rows of this chunk
-                let (mut real, mut fake) = (0.0, 0.0);
-                for (i, &y) in (i0..i1).zip(logits.iter()) {
-                    if i < rows {
-                        real += sigmoid(y) as f64;
-                    } else {
-                        fake += sigmoid(y) as f64;
-                    }
+        rowwise(team, [&mut self.d], [2 * rows], &mut self.d_sums, &|[d]| {
+            let (i0, i1) = d.range();
+            d.input_mut().copy_from_slice(&x[i0 * width..i1 * width]);
+            d.forward();
+            let (logits, dlogits) = d.output_and_grad();
+            let bce = bce_with_logits(logits, &targets[i0..i1], dlogits, scale, i1 - i0);
+            // Σ D(x) over the real rows and over the fake rows of this chunk
+            let (mut real, mut fake) = (0.0, 0.0);
+            for (i, &y) in (i0..i1).zip(logits.iter()) {
+                if i < rows {
+                    real += sigmoid(y) as f64;
+                } else {
+                    fake += sigmoid(y) as f64;
                 }
-                d.backward(false);
-                [bce, real, fake]
-            },
-        )?;
+            }
+            d.backward(false);
+            [bce, real, fake]
+        })?;
         let [bce, real, fake] = sum_chunks(&self.d_sums);
         let loss = bce / rows as f64;
         let (d_real, d_fake) = (real / rows as f64, fake / rows as f64);

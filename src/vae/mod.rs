@@ -338,8 +338,8 @@ impl Vae {
                 (rec, kl)
             },
         )?;
-        let (rec, kl) = (self.chunk_sums.iter())
-            .fold((0.0, 0.0), |(r, k), &(cr, ck)| (r + cr, k + ck));
+        let (rec, kl) =
+            (self.chunk_sums.iter()).fold((0.0, 0.0), |(r, k), &(cr, ck)| (r + cr, k + ck));
         let loss = (rec + self.config.beta * kl) / b as f64;
         if !loss.is_finite() {
             // Stop before any update: the networks keep their last finite parameters.
@@ -355,7 +355,10 @@ impl Vae {
         // Both networks' weight updates (Adam fused in), in one stretch of tasks.
         update_nets(
             team,
-            [(&mut self.encoder, enc_update), (&mut self.decoder, dec_update)],
+            [
+                (&mut self.encoder, enc_update),
+                (&mut self.decoder, dec_update),
+            ],
         )?;
         Ok((loss, rec / b as f64, kl / b as f64))
     }
