@@ -762,6 +762,9 @@ impl Mlp {
     }
 }
 
+/// A network's layers, weight-update blocks and batch rows, as an update's tasks read them.
+type NetBlocks<'a> = (&'a [Dense], &'a [(usize, usize, usize)], usize);
+
 /// What [`update_nets`] does to one network: Adam with these constants, or the gradient
 /// stored here, and the undo copy.
 struct Plan {
@@ -808,7 +811,7 @@ pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N
     };
     tasks.sort_by_key(|t| std::cmp::Reverse(size(t)));
     let done = {
-        let views: Vec<(&[Dense], &[(usize, usize, usize)], usize)> = nets
+        let views: Vec<NetBlocks<'_>> = nets
             .iter()
             .map(|(net, _)| (&net.layers[..], &net.blocks[..], net.rows))
             .collect();
