@@ -28,11 +28,18 @@
 //! and Adam applied to each weight-gradient tile. The weights are kept packed both ways (Wᵀ for
 //! the forward pass, W for ∂h), repacked by the task that updates them.
 //!
-//! A call is at most two stretches of tasks shared by a [`Team`] of threads: the forward pass
-//! and the ∂h pass split the batch into chunks of rows (rows are independent, so a chunk goes
-//! through every layer on one thread); the weight update splits the weight matrices into blocks
-//! of 64 rows (each block sums over the whole batch). Every task computes the same sums in the
-//! same order whoever runs it: one thread and two give bit-identical results.
+//! Work comes in stretches of tasks shared by a [`Team`] of threads, and the team waits at the
+//! end of each: the forward pass and the ∂h pass split the batch into chunks of rows (rows are
+//! independent, so a chunk goes through every layer on one thread); the weight update splits
+//! the weight matrices into blocks of 64 rows (each block sums over the whole batch). A model's
+//! training step takes two stretches in all: [`rowwise`] runs one chunk of rows through
+//! everything that is row by row (every network's forward pass, the loss and its gradient, the
+//! glue between networks, every backward pass down to ∂input) as one task, and
+//! [`update_nets`] then updates every network's weight blocks in one stretch, largest first.
+//! (Before, a VAE step was six stretches with the glue on one thread between them: W1 trains
+//! ~4 % faster this way, W2 ~2 %.) [`Mlp::forward`] and [`Mlp::backward`] are the same
+//! stretches for one network on its own. Every task computes the same sums in the same order
+//! whoever runs it: one thread and two give bit-identical results.
 
 mod adam;
 #[cfg(not(miri))]
