@@ -339,6 +339,36 @@ pub(crate) struct AdamRows<'a> {
     pub v: &'a mut [f32],
     pub ld: usize,
     pub step: AdamConsts,
+    /// Where the updated parameters also go in [`pack_b`]'s layout, if anywhere.
+    pub packed: Option<PackedRows>,
+}
+
+/// Rows `first..first + m` of a `rows` × n matrix packed as [`pack_b`] packs B (k = rows):
+/// where [`Epilogue::Adam`] also stores each updated parameter (i, j), at
+/// `(j / 16)·rows·16 + (first + i)·16 + j % 16`, so that the packed copy of a weight matrix is
+/// written while the new values are still in registers instead of by a second pass over θ.
+/// The entries of other rows, and the padding columns, are not touched.
+#[derive(Clone, Copy)]
+pub(crate) struct PackedRows {
+    ptr: *mut f32,
+    len: usize,
+    first: usize,
+    rows: usize,
+}
+
+impl PackedRows {
+    /// # Safety
+    /// `ptr..ptr + len` is a live buffer of floats, and while the [`gemm`] call that gets this
+    /// runs, nobody else reads or writes its entries of rows `first..first + m` (m: the call's
+    /// rows); [`gemm`] asserts that `first + m ≤ rows` and `rows · panel_cols(n) ≤ len`.
+    pub unsafe fn new(ptr: *mut f32, len: usize, first: usize, rows: usize) -> PackedRows {
+        PackedRows {
+            ptr,
+            len,
+            first,
+            rows,
+        }
+    }
 }
 
 /// Adam's update for step t, its constants folded (see [`adam_update`]).
@@ -398,6 +428,18 @@ struct AdamPtrs {
     v: *mut f32,
     ld: usize,
     step: AdamConsts,
+    /// [`PackedRows`]: its first float of row `first` (null: no packed copy), and the panel
+    /// stride rows·16.
+    packed: *mut f32,
+    panel: usize,
+}
+
+impl AdamPtrs {
+    /// Where parameter (i, j) of the call goes in the packed copy (an offset from `packed`).
+    #[inline(always)]
+    fn packed_at(&self, i: usize, j: usize) -> usize {
+        (j / NR) * self.panel + i * NR + j % NR
+    }
 }
 
 /// Where the kernels write: C's first element and row stride (unused by Adam).
@@ -440,6 +482,10 @@ unsafe fn store_one(out: Out, epi: Epi, i: usize, j: usize, v: f32) {
                     &mut *a.m.add(at),
                     &mut *a.v.add(at),
                 );
+                if !a.packed.is_null() {
+                    // gemm_on asserted first + m ≤ rows and rows · panel_cols(n) ≤ len.
+                    *a.packed.add(a.packed_at(i, j)) = *a.theta.add(at);
+                }
             }
         }
     }
@@ -530,17 +576,33 @@ pub(crate) unsafe fn pack_weight_rows(
     fwd: *mut f32,
     bwd: *mut f32,
 ) {
+    // SAFETY: the caller's contract covers both.
+    unsafe {
+        pack_transposed_rows(rows, r0, inp, out, fwd);
+        pack_b_rows(rows, r0, out, inp, bwd);
+    }
+}
+
+/// The `fwd` half of [`pack_weight_rows`]: rows r0.. of W into the panels of Wᵀ (the other
+/// half, W's own panels, can come from Adam's epilogue: [`PackedRows`]).
+///
+/// # Safety
+/// As [`pack_weight_rows`] for `fwd`.
+pub(crate) unsafe fn pack_transposed_rows(
+    rows: &[f32],
+    r0: usize,
+    inp: usize,
+    out: usize,
+    fwd: *mut f32,
+) {
     debug_assert!(r0 + rows.len() / inp <= out);
     #[cfg(all(target_arch = "x86_64", not(feature = "portable")))]
     {
         let whole_panels = r0.is_multiple_of(NR) && (rows.len() / inp).is_multiple_of(NR);
         if Kernel::Avx2.available() && whole_panels && inp.is_multiple_of(8) {
             // SAFETY: the CPU has AVX2 + FMA; whole panels of 16 rows with inp a multiple of 8
-            // is what pack_transposed_avx2 needs, and the buffers are the caller's contract.
-            unsafe {
-                x86::pack_transposed_avx2(rows, r0, inp, fwd);
-                pack_b_rows(rows, r0, out, inp, bwd);
-            }
+            // is what pack_transposed_avx2 needs, and the buffer is the caller's contract.
+            unsafe { x86::pack_transposed_avx2(rows, r0, inp, fwd) };
             return;
         }
     }
@@ -554,8 +616,6 @@ pub(crate) unsafe fn pack_weight_rows(
             unsafe { *fwd.add(base + p * NR) = v };
         }
     }
-    // SAFETY: the caller's contract for bwd is pack_b_rows' contract (k = out, n = inp).
-    unsafe { pack_b_rows(rows, r0, out, inp, bwd) };
 }
 
 /// C (m × n, row stride `ldc`) = A (m × k) · B (k × n, packed by [`pack_b`]), then `epi`, on
@@ -623,12 +683,29 @@ pub(crate) fn gemm_on(
             ok(rows.theta.len()) && ok(rows.m.len()) && ok(rows.v.len()),
             "Adam's θ, m, v shorter than (m − 1)·ld + n"
         );
+        let (packed, panel) = match rows.packed {
+            None => (std::ptr::null_mut(), 0),
+            Some(p) => {
+                let panel = p.rows.checked_mul(NR);
+                assert!(
+                    p.first.checked_add(m).is_some_and(|end| end <= p.rows)
+                        && panel_cols_checked(n)
+                            .and_then(|w| w.checked_mul(p.rows))
+                            .is_some_and(|need| need <= p.len),
+                    "packed rows outside their buffer"
+                );
+                // In bounds: first < rows, so first·16 < rows·16 ≤ len.
+                (p.ptr.wrapping_add(p.first * NR), panel.unwrap_or(0))
+            }
+        };
         Epi::Adam(AdamPtrs {
             theta: rows.theta.as_mut_ptr(),
             m: rows.m.as_mut_ptr(),
             v: rows.v.as_mut_ptr(),
             ld: rows.ld,
             step: rows.step,
+            packed,
+            panel,
         })
     } else {
         assert!(fits(c.len()), "C shorter than (m − 1)·ldc + n");
@@ -915,7 +992,11 @@ mod x86 {
                             let upd = _mm256_div_ps(_mm256_mul_ps(lr_t, mi), den);
                             _mm256_storeu_ps(mp, mi);
                             _mm256_storeu_ps(vp, vi);
-                            _mm256_storeu_ps(tp, _mm256_sub_ps(_mm256_loadu_ps(tp), upd));
+                            let th = _mm256_sub_ps(_mm256_loadu_ps(tp), upd);
+                            _mm256_storeu_ps(tp, th);
+                            if !a.packed.is_null() {
+                                _mm256_storeu_ps(a.packed.add(a.packed_at(i0 + r, j0 + 8 * h)), th);
+                            }
                         }
                     }
                     return;
@@ -1062,6 +1143,20 @@ mod x86 {
                             _mm512_mask_storeu_ps(vp, mk, vi);
                             let th = _mm512_maskz_loadu_ps(mk, tp);
                             _mm512_mask_storeu_ps(tp, mk, _mm512_sub_ps(th, upd));
+                        }
+                    }
+                    if !ad.packed.is_null() {
+                        // The packed copy, from θ's rows just stored (still in L1). A loop of
+                        // its own: folded into the one above, it made that loop too big to
+                        // unroll, and the accumulators then went through the stack in the
+                        // multiply's inner loop (3x slower).
+                        for r in 0..rows {
+                            for (h, &mk) in masks.iter().enumerate() {
+                                let at = (i0 + r) * ad.ld + j0 + NR * h;
+                                let th = _mm512_maskz_loadu_ps(mk, ad.theta.add(at));
+                                let pp = ad.packed.add((q + h) * ad.panel + (i0 + r) * NR);
+                                _mm512_mask_storeu_ps(pp, mk, th);
+                            }
                         }
                     }
                     return;
@@ -1520,12 +1615,19 @@ mod tests {
             let (t, mm, v) = (&mut t1[r.clone()], &mut m1[r.clone()], &mut v1[r]);
             adam_update(step, t, mm, v, gi);
         }
+        // The updated rows also go to rows first..first + m of a packed copy (pack_b's layout
+        // of a matrix of m + 3 rows); every other entry, padding included, stays as it was.
+        let (first, total) = (2, m + 3);
+        let mut copy = vec![7.5f32; total * panel_cols(n)];
         let rows = AdamRows {
             theta: &mut t2,
             m: &mut m2,
             v: &mut v2,
             ld,
             step,
+            // SAFETY: `copy` is a live local buffer of `total · panel_cols(n)` floats that
+            // nothing else touches during the call.
+            packed: Some(unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), first, total) }),
         };
         gemm_on(
             kernel,
@@ -1542,6 +1644,40 @@ mod tests {
             t1 == t2 && m1 == m2 && v1 == v2,
             "{kernel:?} m={m} n={n} k={k}"
         );
+        let mut want = vec![7.5f32; copy.len()];
+        for i in 0..m {
+            for j in 0..n {
+                want[(j / NR) * total * NR + (first + i) * NR + j % NR] = t1[i * ld + j];
+            }
+        }
+        assert!(copy == want, "{kernel:?} m={m} n={n} k={k}: packed copy");
+    }
+
+    #[test]
+    #[should_panic(expected = "packed rows outside")]
+    fn packed_rows_past_their_buffer_are_refused() {
+        let (a, b) = (vec![1.0; 6], vec![1.0; 2 * 16]);
+        let (mut t, mut m, mut v) = (vec![0.0; 6], vec![0.0; 6], vec![0.0; 6]);
+        let mut copy = vec![0.0; 4 * 16];
+        let step = AdamConsts::new(AdamStep {
+            lr: 0.1,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 1,
+        });
+        let rows = AdamRows {
+            theta: &mut t,
+            m: &mut m,
+            v: &mut v,
+            ld: 2,
+            step,
+            // SAFETY: a live local buffer; gemm refuses rows 2..5 of a 4-row matrix before
+            // writing anything.
+            packed: Some(unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), 2, 4) }),
+        };
+        let av = StridedA::rows(&a, 2);
+        gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));
     }
 
     #[test]
@@ -1631,6 +1767,7 @@ mod tests {
             v: &mut v,
             ld: 2,
             step,
+            packed: None,
         };
         let av = StridedA::rows(&a, 2);
         gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));

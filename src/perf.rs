@@ -162,6 +162,7 @@ impl Operands {
                     v,
                     ld: n,
                     step: self.adam,
+                    packed: None,
                 };
                 gemm_on(
                     kernel,

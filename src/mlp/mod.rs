@@ -53,8 +53,9 @@ pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
 use crate::kernels::{
-    adam_update, column_sums, gemm, pack_a_transposed, pack_b_rows, pack_weight_rows, packed_a_len,
-    panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, StridedA,
+    adam_update, column_sums, gemm, pack_a_transposed, pack_b_rows, pack_transposed_rows,
+    pack_weight_rows, packed_a_len, panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep,
+    Epilogue, PackedRows, StridedA,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -769,6 +770,22 @@ impl Mlp {
     }
 }
 
+/// Tasks sorted largest first, rearranged for a [`Team`] whose caller takes from the front and
+/// helper from the back: ranks 0, 2, 4, … from the front, ranks 1, 3, 5, … from the back.
+fn from_both_ends<T>(sorted: Vec<T>) -> Vec<T> {
+    let mut front = Vec::with_capacity(sorted.len());
+    let mut back = Vec::with_capacity(sorted.len() / 2);
+    for (rank, t) in sorted.into_iter().enumerate() {
+        if rank % 2 == 0 {
+            front.push(t);
+        } else {
+            back.push(t);
+        }
+    }
+    front.extend(back.into_iter().rev());
+    front
+}
+
 /// A network's layers, weight-update blocks and batch rows, as an update's tasks read them.
 type NetBlocks<'a> = (&'a [Dense], &'a [(usize, usize, usize)], usize);
 
@@ -817,6 +834,9 @@ pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N
         (r1 - r0) * nets[k].0.layers[li].inp
     };
     tasks.sort_by_key(|t| std::cmp::Reverse(size(t)));
+    // The caller takes tasks from the front and the helper from the back: every other block,
+    // largest first from both ends, so each thread starts big and they meet on small blocks.
+    let tasks = from_both_ends(tasks);
     let done = {
         let views: Vec<NetBlocks<'_>> = nets
             .iter()
@@ -1242,12 +1262,17 @@ unsafe fn update_block(
                     )
                 };
                 let [theta, m, v] = rows_of;
+                // SAFETY: bwd[li] holds out · panel_cols(inp) floats (`empty`), and its entries
+                // of rows r0..r1 are this task's alone during this stretch.
+                let bwd = unsafe { PackedRows::new(sh.bwd[li].ptr, sh.bwd[li].len, r0, d.out) };
                 let target = AdamRows {
                     theta,
                     m,
                     v,
                     ld: d.inp,
                     step,
+                    // The ∂h pass's copy of these rows, written as Adam computes them.
+                    packed: Some(bwd),
                 };
                 gemm(
                     n,
@@ -1270,12 +1295,12 @@ unsafe fn update_block(
                 if sh.fault == Some((li, r0)) {
                     panic!("injected failure between the update of layer {li}'s rows {r0}.. and their repacking");
                 }
-                // SAFETY: as above (the rows were just updated by this task); the packed
-                // copies' entries of these rows are this task's alone (pack_weight_rows'
-                // contract), and fwd/bwd have the layer's packed sizes.
+                // SAFETY: as above (the rows were just updated by this task); the forward
+                // copy's entries of these rows are this task's alone (pack_transposed_rows'
+                // contract), and fwd has the layer's packed size.
                 unsafe {
                     let w = sh.theta.part(w0, w1);
-                    pack_weight_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr, sh.bwd[li].ptr);
+                    pack_transposed_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr);
                 }
             }
             (None, Some(g)) => {

@@ -35,9 +35,10 @@ type Job<'a> = &'a (dyn Fn(usize) + Sync + 'a);
 
 /// What the calling thread and the helper share.
 struct Shared {
-    /// The current call: its generation in the high 32 bits, the next task to take in the low
-    /// 32. A task is taken by a compare-and-swap that also checks the generation, so a thread
-    /// that arrives after its call has ended takes nothing.
+    /// The current call: its generation in the high 24 bits, then how many tasks the caller
+    /// took from the front (20 bits) and how many the helper took from the back (20 bits). A
+    /// task is taken by a compare-and-swap that also checks the generation, so a thread that
+    /// arrives after its call has ended takes nothing.
     state: AtomicU64,
     /// The current call's task count and its job: a pointer to the caller's `Job`, which lives
     /// on the caller's stack for the whole call. Both are written before `state` announces the
@@ -53,7 +54,15 @@ struct Shared {
     quit: AtomicBool,
 }
 
-const INDEX: u64 = (1 << 32) - 1;
+/// Bits of each task count in `state`, and the most tasks one call hands out at once.
+const FIELD: u32 = 20;
+const COUNT: u64 = (1 << FIELD) - 1;
+const GENERATION: u32 = 2 * FIELD;
+
+/// (tasks taken from the front, tasks taken from the back) in a `state` word.
+fn taken(state: u64) -> (u64, u64) {
+    ((state >> FIELD) & COUNT, state & COUNT)
+}
 
 /// The threads that run the engine's tasks: the caller plus an optional helper thread. Made for
 /// the span of a training loop (or a sampler); dropping it ends the helper.
@@ -113,7 +122,14 @@ impl Team {
             }
             return outcome(sh);
         };
-        assert!(tasks as u64 <= INDEX / 2, "too many tasks for one call");
+        if tasks as u64 > COUNT {
+            // More tasks than a state word counts: hand them out in parts.
+            let part = COUNT as usize;
+            for first in (0..tasks).step_by(part) {
+                self.run(part.min(tasks - first), &|i| f(first + i))?;
+            }
+            return Ok(());
+        }
         let job: Job<'_> = f;
         // The helper reads `job` only through a task it took from this call's generation, and
         // this function returns only after every task of it has finished (`done == tasks`):
@@ -122,22 +138,34 @@ impl Team {
             .store(&job as *const Job<'_> as *mut (), Ordering::Relaxed);
         sh.tasks.store(tasks, Ordering::Relaxed);
         sh.done.store(0, Ordering::Relaxed);
-        let generation = (sh.state.load(Ordering::Relaxed) >> 32).wrapping_add(1) & INDEX;
+        let generation =
+            ((sh.state.load(Ordering::Relaxed) >> GENERATION) + 1) & ((1 << (64 - GENERATION)) - 1);
         // SeqCst here and on `sleeping` (with the helper's SeqCst pair): either the helper sees
         // this generation before it parks, or this thread sees that it sleeps and wakes it.
-        sh.state.store(generation << 32, Ordering::SeqCst);
+        sh.state.store(generation << GENERATION, Ordering::SeqCst);
         if sh.sleeping.swap(false, Ordering::SeqCst) {
             helper.thread().unpark();
         }
-        // Take tasks; the helper only ever adds by compare-and-swap within this generation, so
-        // a plain increment here never skips one of its tasks.
+        // Take tasks from the front while any are left (the helper takes from the back).
+        let mut state = sh.state.load(Ordering::Acquire);
         loop {
-            let i = sh.state.fetch_add(1, Ordering::AcqRel) & INDEX;
-            if i as usize >= tasks {
+            let (front, back) = taken(state);
+            if front + back >= tasks as u64 {
                 break;
             }
-            take_task(sh, || f(i as usize));
-            sh.done.fetch_add(1, Ordering::Release);
+            match sh.state.compare_exchange_weak(
+                state,
+                state + (1 << FIELD),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    take_task(sh, || f(front as usize));
+                    sh.done.fetch_add(1, Ordering::Release);
+                    state = sh.state.load(Ordering::Acquire);
+                }
+                Err(now) => state = now,
+            }
         }
         // Wait for the tasks the helper took (none, if it has not woken yet).
         let mut spins = 0u32;
@@ -268,18 +296,22 @@ fn help(sh: &Shared, generation: u64) {
     let tasks = sh.tasks.load(Ordering::Relaxed) as u64;
     let job = sh.job.load(Ordering::Relaxed) as *const Job<'static>;
     let mut state = sh.state.load(Ordering::Acquire);
-    while state >> 32 == generation && state & INDEX < tasks {
+    while state >> GENERATION == generation {
+        let (front, back) = taken(state);
+        if front + back >= tasks {
+            break;
+        }
         match sh
             .state
             .compare_exchange_weak(state, state + 1, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
-                // SAFETY: the swap took task `state & INDEX` of `generation`, so that call has
-                // not ended (its caller waits until this task is done) and `tasks`/`job`, read
-                // after seeing this generation, are its values; `job` points to the caller's
-                // live `Job`. The lifetime is only widened for the span of this task.
+                // SAFETY: the swap took task `tasks − 1 − back` of `generation`, so that call
+                // has not ended (its caller waits until this task is done) and `tasks`/`job`,
+                // read after seeing this generation, are its values; `job` points to the
+                // caller's live `Job`. The lifetime is only widened for the span of this task.
                 let f: &(dyn Fn(usize) + Sync) = unsafe { *job };
-                let i = (state & INDEX) as usize;
+                let i = (tasks - 1 - back) as usize;
                 take_task(sh, || f(i));
                 sh.done.fetch_add(1, Ordering::Release);
                 state = sh.state.load(Ordering::Acquire);
@@ -301,7 +333,7 @@ fn helper_loop(sh: &Shared) {
             if sh.quit.load(Ordering::Acquire) {
                 return;
             }
-            let g = sh.state.load(Ordering::Acquire) >> 32;
+            let g = sh.state.load(Ordering::Acquire) >> GENERATION;
             if g != seen {
                 break g;
             }
@@ -316,7 +348,9 @@ fn helper_loop(sh: &Shared) {
             // Sleep until `run` or `drop` unparks us; re-check after announcing it, so a
             // call that started in between is not missed.
             sh.sleeping.store(true, Ordering::SeqCst);
-            if sh.state.load(Ordering::SeqCst) >> 32 == seen && !sh.quit.load(Ordering::SeqCst) {
+            if sh.state.load(Ordering::SeqCst) >> GENERATION == seen
+                && !sh.quit.load(Ordering::SeqCst)
+            {
                 std::thread::park_timeout(Duration::from_millis(100));
             }
             sh.sleeping.store(false, Ordering::Relaxed);
