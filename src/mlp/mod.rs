@@ -1314,22 +1314,35 @@ unsafe fn update_block(
     });
 }
 
-/// Chunks of about a quarter of the batch (more for large batches, at most ~128 rows each),
-/// cut at whole kernel tiles of `mr` rows and balanced in tiles.
+/// Chunks of about half the batch (more for large batches, at most ~128 rows each), cut at
+/// whole kernel tiles of `mr` rows, each boundary at the tile nearest to its share of the
+/// rows: 100 rows in tiles of 8 give 48 and 52, one for each end of the team (the caller takes
+/// chunks from the front, the helper from the back). Measured on W1 against four chunks
+/// balanced in whole tiles (32, 24, 24, 20 rows): ~2.5 % faster (each chunk re-reads every
+/// layer's packed weights, and fewer, larger chunks read them fewer times); 6 or 8 chunks
+/// were slower still.
 fn row_chunks(rows: usize, mr: usize) -> Vec<(usize, usize)> {
     let tiles = rows.div_ceil(mr);
-    let count = rows.div_ceil(128).max(4).min(tiles).max(1);
-    let (base, extra) = (tiles / count, tiles % count);
+    let count = rows.div_ceil(128).max(CHUNKS_MIN).min(tiles).max(1);
     let mut out = Vec::with_capacity(count);
     let mut start = 0;
-    for c in 0..count {
-        let t = base + usize::from(c < extra);
-        let end = ((start / mr + t) * mr).min(rows);
-        out.push((start, end));
-        start = end;
+    for c in 1..=count {
+        // The boundary nearest to rows·c/count, in whole tiles (the last one: all rows).
+        let end = if c == count {
+            rows
+        } else {
+            ((2 * rows * c + count * mr) / (2 * count * mr) * mr).min(rows)
+        };
+        if end > start {
+            out.push((start, end));
+            start = end;
+        }
     }
     out
 }
+
+/// Fewest chunks a batch is cut into (one per thread).
+const CHUNKS_MIN: usize = 2;
 
 fn validate_layers(layers: &[Layer]) -> Result<()> {
     if layers.is_empty() {
