@@ -26,7 +26,7 @@
 
 use crate::data::{check_rows, load_digits, Digits, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
-use crate::mlp::{Activation, Mlp, MlpState, Team, Update};
+use crate::mlp::{rowwise, update_nets, Activation, Mlp, MlpState, Team, Update};
 use crate::train::AdamSettings;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -507,10 +507,10 @@ pub struct Ddpm {
     pub verbose: bool,
     /// A time budget and autosaving for [`Ddpm::train`] (none by default).
     pub limits: crate::train::Limits,
-    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε and ∂output.
+    /// A step's buffers: the denoiser's input [x_t, emb(t)], ε, and each chunk's Σ (ε̂ − ε)².
     input: Vec<f32>,
     eps: Vec<f32>,
-    dout: Vec<f32>,
+    chunk_sums: Vec<f64>,
 }
 
 impl Ddpm {
@@ -548,7 +548,7 @@ impl Ddpm {
             limits: Default::default(),
             input: vec![],
             eps: vec![],
-            dout: vec![],
+            chunk_sums: vec![],
         })
     }
 
@@ -614,7 +614,6 @@ impl Ddpm {
         let n = self.data.len() / d;
         self.input.resize(b * (d + e), 0.0);
         self.eps.resize(b * d, 0.0);
-        self.dout.resize(b * d, 0.0);
         for (row, eps) in self
             .input
             .chunks_exact_mut(d + e)
@@ -635,17 +634,34 @@ impl Ddpm {
 
     /// One training step on the batch in the buffers: the whole of DDPM training.
     fn step(&mut self, team: &Team, update: Update<'_>) -> Result<f64> {
-        // ε̂ = ε_θ(x_t, t)
-        let eps_hat = self.denoiser.forward(team, &self.input)?;
+        let (input, eps, d) = (&self.input, &self.eps, self.dim);
+        let (width, rows) = (self.denoiser.input_width(), eps.len() / d);
         // L = mean over all elements of (ε̂ − ε)², ∂ε̂ = 2(ε̂ − ε)/(B·d)
-        let scale = 2.0 / self.eps.len() as f32;
-        let mut sum = 0.0f64;
-        for ((&y, &e), g) in eps_hat.iter().zip(&self.eps).zip(self.dout.iter_mut()) {
-            let diff = y - e;
-            sum += (diff * diff) as f64;
-            *g = scale * diff;
-        }
-        let loss = sum / self.eps.len() as f64;
+        let scale = 2.0 / eps.len() as f32;
+        // One chunk of rows per task: forward, the loss and its gradient, backward.
+        rowwise(
+            team,
+            [&mut self.denoiser],
+            [rows],
+            &mut self.chunk_sums,
+            &|[net]| {
+                let (i0, i1) = net.range();
+                net.input_mut()
+                    .copy_from_slice(&input[i0 * width..i1 * width]);
+                // ε̂ = ε_θ(x_t, t)
+                net.forward();
+                let (eps_hat, grad) = net.output_and_grad();
+                let mut sum = 0.0f64;
+                for ((&y, &e), g) in eps_hat.iter().zip(&eps[i0 * d..i1 * d]).zip(grad) {
+                    let diff = y - e;
+                    sum += (diff * diff) as f64;
+                    *g = scale * diff;
+                }
+                net.backward(false);
+                sum
+            },
+        )?;
+        let loss = self.chunk_sums.iter().sum::<f64>() / eps.len() as f64;
         if !loss.is_finite() {
             // Stop before any update: the denoiser keeps its last finite parameters.
             return Err(Error::Diverged {
@@ -654,8 +670,8 @@ impl Ddpm {
                 fix: format!("Lower the learning rate (now {}).", self.config.lr),
             });
         }
-        // Backward through the denoiser, Adam fused in
-        self.denoiser.backward(team, &self.dout, update)?;
+        // The denoiser's weight update, Adam fused in
+        update_nets(team, [(&mut self.denoiser, update)])?;
         Ok(loss)
     }
 
