@@ -2,9 +2,13 @@
 //! (the machines this crate targets have two cores, and the engine's matrices are small enough
 //! that a third thread would wait more than it works).
 //!
-//! [`Team::run`]`(n, f)` runs `f(0)`, …, `f(n − 1)`, each task once, on whichever thread takes it
-//! first from a shared counter (a thread that the machine slows down simply takes fewer), and
-//! returns when all are done. The caller never waits for the helper to show up: it waits only
+//! [`Team::run`]`(n, f)` runs `f(0)`, …, `f(n − 1)`, each task once, and returns when all are
+//! done. The calling thread takes tasks from the front (0, 1, …) and the helper from the back
+//! (n − 1, n − 2, …), each by a compare-and-swap on one shared word, until they meet: a thread
+//! that the machine slows down simply takes fewer, and when both run at the same speed each
+//! takes the same tasks call after call, so the rows of weights and Adam moments a task updates
+//! stay in one core's cache from step to step (the engine orders its tasks for this: see
+//! `update_nets`). The caller never waits for the helper to show up: it waits only
 //! for tasks the helper has actually taken. So when the helper is slow to wake, or another
 //! program holds the second core, the caller does the whole call itself at one thread's speed
 //! instead of waiting for a thread that cannot run. Between calls the helper spins for a short
