@@ -341,6 +341,10 @@ pub(crate) struct AdamRows<'a> {
     pub step: AdamConsts,
     /// Where the updated parameters also go in [`pack_b`]'s layout, if anywhere.
     pub packed: Option<PackedRows>,
+    /// The parameters before the step, if not `theta` itself (same layout): θ is then
+    /// `theta_in − update`, written to `theta`, and `theta_in` keeps the values before the step
+    /// (a trainer that may undo the step keeps them there instead of copying them).
+    pub theta_in: Option<&'a [f32]>,
 }
 
 /// Rows `first..first + m` of a `rows` × n matrix packed as [`pack_b`] packs B (k = rows):
@@ -400,11 +404,17 @@ impl AdamConsts {
     /// own): the vector forms, written with separate multiplies and adds, give the same bits.
     #[inline(always)]
     fn apply(&self, g: f32, theta: &mut f32, m: &mut f32, v: &mut f32) {
+        *theta = self.stepped(g, *theta, m, v);
+    }
+
+    /// θ after one step from θ = `theta` (moments updated in place).
+    #[inline(always)]
+    fn stepped(&self, g: f32, theta: f32, m: &mut f32, v: &mut f32) -> f32 {
         let mi = self.b1 * *m + self.c1 * g;
         let vi = self.b2 * *v + self.c2 * (g * g);
         *m = mi;
         *v = vi;
-        *theta -= self.lr_t * mi / (vi.sqrt() * self.inv_sqrt_bc2 + self.eps);
+        theta - self.lr_t * mi / (vi.sqrt() * self.inv_sqrt_bc2 + self.eps)
     }
 }
 
@@ -424,6 +434,8 @@ enum Epi {
 #[derive(Clone, Copy)]
 struct AdamPtrs {
     theta: *mut f32,
+    /// Where θ is read from (`theta` itself when updated in place).
+    theta_in: *const f32,
     m: *mut f32,
     v: *mut f32,
     ld: usize,
@@ -476,12 +488,9 @@ unsafe fn store_one(out: Out, epi: Epi, i: usize, j: usize, v: f32) {
             }
             Epi::Adam(a) => {
                 let at = i * a.ld + j;
-                a.step.apply(
-                    v,
-                    &mut *a.theta.add(at),
-                    &mut *a.m.add(at),
-                    &mut *a.v.add(at),
-                );
+                *a.theta.add(at) =
+                    a.step
+                        .stepped(v, *a.theta_in.add(at), &mut *a.m.add(at), &mut *a.v.add(at));
                 if !a.packed.is_null() {
                     // gemm_on asserted first + m ≤ rows and rows · panel_cols(n) ≤ len.
                     *a.packed.add(a.packed_at(i, j)) = *a.theta.add(at);
@@ -680,7 +689,10 @@ pub(crate) fn gemm_on(
         let need = (m - 1).checked_mul(rows.ld).and_then(|x| x.checked_add(n));
         let ok = |len: usize| need.is_some_and(|need| need <= len);
         assert!(
-            ok(rows.theta.len()) && ok(rows.m.len()) && ok(rows.v.len()),
+            ok(rows.theta.len())
+                && ok(rows.m.len())
+                && ok(rows.v.len())
+                && rows.theta_in.is_none_or(|t| ok(t.len())),
             "Adam's θ, m, v shorter than (m − 1)·ld + n"
         );
         let (packed, panel) = match rows.packed {
@@ -698,8 +710,10 @@ pub(crate) fn gemm_on(
                 (p.ptr.wrapping_add(p.first * NR), panel.unwrap_or(0))
             }
         };
+        let theta = rows.theta.as_mut_ptr();
         Epi::Adam(AdamPtrs {
-            theta: rows.theta.as_mut_ptr(),
+            theta_in: rows.theta_in.map_or(theta.cast_const(), |t| t.as_ptr()),
+            theta,
             m: rows.m.as_mut_ptr(),
             v: rows.v.as_mut_ptr(),
             ld: rows.ld,
@@ -992,7 +1006,7 @@ mod x86 {
                             let upd = _mm256_div_ps(_mm256_mul_ps(lr_t, mi), den);
                             _mm256_storeu_ps(mp, mi);
                             _mm256_storeu_ps(vp, vi);
-                            let th = _mm256_sub_ps(_mm256_loadu_ps(tp), upd);
+                            let th = _mm256_sub_ps(_mm256_loadu_ps(a.theta_in.add(at)), upd);
                             _mm256_storeu_ps(tp, th);
                             if !a.packed.is_null() {
                                 _mm256_storeu_ps(a.packed.add(a.packed_at(i0 + r, j0 + 8 * h)), th);
@@ -1141,7 +1155,7 @@ mod x86 {
                             let upd = _mm512_div_ps(_mm512_mul_ps(lr_t, mi), den);
                             _mm512_mask_storeu_ps(mp, mk, mi);
                             _mm512_mask_storeu_ps(vp, mk, vi);
-                            let th = _mm512_maskz_loadu_ps(mk, tp);
+                            let th = _mm512_maskz_loadu_ps(mk, ad.theta_in.add(at));
                             _mm512_mask_storeu_ps(tp, mk, _mm512_sub_ps(th, upd));
                         }
                     }
@@ -1628,6 +1642,7 @@ mod tests {
             // SAFETY: `copy` is a live local buffer of `total · panel_cols(n)` floats that
             // nothing else touches during the call.
             packed: Some(unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), first, total) }),
+            theta_in: None,
         };
         gemm_on(
             kernel,
@@ -1651,6 +1666,40 @@ mod tests {
             }
         }
         assert!(copy == want, "{kernel:?} m={m} n={n} k={k}: packed copy");
+        // Reading θ from another buffer: the same step lands in `theta` (whatever it held),
+        // the source keeps the values before the step, the gaps between rows stay.
+        let (before, mut m3, mut v3) = (
+            values(len, 8),
+            values(len, 9),
+            values(len, 10).iter().map(|x| x.abs()).collect::<Vec<_>>(),
+        );
+        let mut t3: Vec<f32> = (0..len)
+            .map(|i| if (i % ld) < n { f32::NAN } else { before[i] })
+            .collect();
+        let rows = AdamRows {
+            theta: &mut t3,
+            m: &mut m3,
+            v: &mut v3,
+            ld,
+            step,
+            packed: None,
+            theta_in: Some(&before),
+        };
+        gemm_on(
+            kernel,
+            m,
+            n,
+            k,
+            av,
+            &packed,
+            &mut [],
+            n,
+            Epilogue::Adam(rows),
+        );
+        assert!(
+            t3 == t1 && m3 == m1 && v3 == v1 && before == values(len, 8),
+            "{kernel:?} m={m} n={n} k={k}: θ read from another buffer"
+        );
     }
 
     #[test]
@@ -1675,6 +1724,7 @@ mod tests {
             // SAFETY: a live local buffer; gemm refuses rows 2..5 of a 4-row matrix before
             // writing anything.
             packed: Some(unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), 2, 4) }),
+            theta_in: None,
         };
         let av = StridedA::rows(&a, 2);
         gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));
@@ -1768,6 +1818,7 @@ mod tests {
             ld: 2,
             step,
             packed: None,
+            theta_in: None,
         };
         let av = StridedA::rows(&a, 2);
         gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));

@@ -163,6 +163,7 @@ impl Operands {
                     ld: n,
                     step: self.adam,
                     packed: None,
+                    theta_in: None,
                 };
                 gemm_on(
                     kernel,

@@ -473,11 +473,13 @@ impl Mlp {
         Ok(())
     }
 
-    /// Has every Adam update first copy the parameters it replaces, so that
-    /// [`Mlp::undo_update`] can put them back: what a trainer that undoes a failed or
-    /// non-finite step needs. Each update task copies its own rows before changing them, so
-    /// the copy is shared by the threads and read where the update reads anyway, instead of a
-    /// copy of the whole network on one thread before every step. Off by default.
+    /// Has every Adam update keep the parameters it replaces, so that [`Mlp::undo_update`] can
+    /// put them back: what a trainer that undoes a failed or non-finite step needs. Nothing is
+    /// copied: the parameters live in two buffers, and an update reads the current one and
+    /// writes the stepped values into the other, which then becomes θ (each update task its
+    /// own rows); the one it read is the undo copy. (A copy by the update tasks cost W1 ~2-5 %.)
+    /// With this on, an update that fails part-way leaves θ incomplete until
+    /// [`Mlp::undo_update`], which the trainers call on every failed step. Off by default.
     pub fn keep_before_update(&mut self, on: bool) {
         self.keep = on;
         if !on {
@@ -745,6 +747,9 @@ impl Mlp {
             if self.kept.len() != self.theta.len() {
                 self.kept = vec![0.0; self.theta.len()];
             }
+            // The parameters before the step stay where they are and become the undo copy; the
+            // step writes every parameter anew into the other buffer (each block its rows).
+            std::mem::swap(&mut self.theta, &mut self.kept);
             // Valid once the update's tasks have run (all of them run, even when one fails).
             self.kept_steps = Some(self.steps);
             Some(Raw::of(&mut self.kept))
@@ -1212,7 +1217,8 @@ thread_local! {
 }
 
 /// ∂W and ∂b for rows r0..r1 of layer `li`, then Adam on them (or stored into `grads`); with
-/// Adam and `kept`, the rows' parameters are first copied there.
+/// Adam and `kept`, the rows' parameters before the step are read from `kept` (where they
+/// stay, as the undo copy) and the stepped ones written to θ.
 ///
 /// # Safety
 /// The caller alone touches rows r0..r1 of this layer's parameters, moments, packed weights and
@@ -1232,13 +1238,12 @@ unsafe fn update_block(
     let n = r1 - r0;
     let (w0, w1, b0) = (d.at + r0 * d.inp, d.at + r1 * d.inp, d.bias() + r0);
     if let (Some(_), Some(kept)) = (adam, kept) {
-        // First, before anything that could fail: the undo copy of every parameter this task
-        // may change.
-        // SAFETY: rows r0..r1 of W and b belong to this task alone, in θ and in the copy.
+        // The biases step in place: first their values before the step.
+        // SAFETY: rows r0..r1 of b belong to this task alone, in θ and in the copy.
         unsafe {
-            kept.part_mut(w0, w1).copy_from_slice(sh.theta.part(w0, w1));
-            kept.part_mut(b0, b0 + n)
-                .copy_from_slice(sh.theta.part(b0, b0 + n));
+            sh.theta
+                .part_mut(b0, b0 + n)
+                .copy_from_slice(kept.part(b0, b0 + n));
         }
     }
     // SAFETY: as the function's contract says, these ranges are this task's alone or
@@ -1266,6 +1271,9 @@ unsafe fn update_block(
                     )
                 };
                 let [theta, m, v] = rows_of;
+                // SAFETY: rows r0..r1 of W in the undo copy belong to this task alone, and
+                // are only read here.
+                let theta_in = kept.map(|kept| unsafe { kept.part(w0, w1) });
                 // SAFETY: bwd[li] holds out · panel_cols(inp) floats (`empty`), and its entries
                 // of rows r0..r1 are this task's alone during this stretch.
                 let bwd = unsafe { PackedRows::new(sh.bwd[li].ptr, sh.bwd[li].len, r0, d.out) };
@@ -1277,6 +1285,7 @@ unsafe fn update_block(
                     step,
                     // The ∂h pass's copy of these rows, written as Adam computes them.
                     packed: Some(bwd),
+                    theta_in,
                 };
                 gemm(
                     n,
