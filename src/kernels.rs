@@ -16,7 +16,7 @@
 //! ([`Kernel::best`]):
 //! - AVX-512 (x86-64 with AVX-512F): a tile of [`MR_AVX512`] rows × 32 columns (two adjacent
 //!   panels) in 2·MR zmm registers, A broadcast from memory; an odd last panel runs a
-//!   MR × 16 variant. Column tails (n % 16 ≠ 0) and the epilogue use masked loads and stores,
+//!   MR × 16 variant, and a last tile of at most 4 rows a 4-row one. Column tails (n % 16 ≠ 0) and the epilogue use masked loads and stores,
 //!   so every tile, whole or not, finishes in registers.
 //! - AVX2 + FMA: a tile of 5 × 16 in ten ymm registers; partial tiles finish in scalar code.
 //! - portable: the same loop in plain Rust, which the compiler vectorises for its target.
@@ -1048,12 +1048,17 @@ mod x86 {
         while q < panels {
             let pair = q + 1 < panels;
             for i0 in (0..m).step_by(MR) {
+                // A last tile of at most 4 rows runs a 4-row kernel: half the work of a full
+                // tile that computes rows it then drops. (W1's 100-row batch is 12 tiles and 4
+                // rows: its two threads' shares are 6 tiles and 6 and a half, not 6 and 7.)
+                let half = MR == 8 && m - i0 <= 4;
                 // SAFETY: the caller's contract; q (and q + 1 for a pair) < panels, i0 < m.
                 unsafe {
-                    if pair {
-                        tile_avx512::<MR, 2>(m, n, k, a, t, b, out, epi, q, i0);
-                    } else {
-                        tile_avx512::<MR, 1>(m, n, k, a, t, b, out, epi, q, i0);
+                    match (pair, half) {
+                        (true, false) => tile_avx512::<MR, 2>(m, n, k, a, t, b, out, epi, q, i0),
+                        (false, false) => tile_avx512::<MR, 1>(m, n, k, a, t, b, out, epi, q, i0),
+                        (true, true) => tile_avx512::<4, 2>(m, n, k, a, t, b, out, epi, q, i0),
+                        (false, true) => tile_avx512::<4, 1>(m, n, k, a, t, b, out, epi, q, i0),
                     }
                 }
             }
@@ -1392,8 +1397,9 @@ mod tests {
         }
     }
 
-    /// (m, n, k): whole and partial tiles of every kernel, an odd and an even number of
-    /// panels, n % 16 ≠ 0, k = 0.
+    /// (m, n, k): whole and partial tiles of every kernel (for AVX-512 last tiles of 1, 2 and 4
+    /// rows, which run its 4-row kernel, and of 5 and 6), an odd and an even number of panels,
+    /// n % 16 ≠ 0, k = 0.
     fn shapes() -> Vec<(usize, usize, usize)> {
         let mut s = vec![
             (1, 1, 1),
@@ -1589,7 +1595,8 @@ mod tests {
 
     #[test]
     fn adam_epilogue_equals_gradient_then_adam() {
-        let mut shapes = vec![(13, 40, 9), (8, 32, 3), (5, 16, 2)];
+        // 13 and 5 rows: a last tile of 5 (full kernel); 12: of 4 (the 4-row AVX-512 kernel).
+        let mut shapes = vec![(13, 40, 9), (8, 32, 3), (5, 16, 2), (12, 40, 5)];
         if !cfg!(miri) {
             shapes.extend([(30, 100, 20), (16, 64, 7)]);
         }
