@@ -1710,34 +1710,6 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "packed rows outside")]
-    fn packed_rows_past_their_buffer_are_refused() {
-        let (a, b) = (vec![1.0; 6], vec![1.0; 2 * 16]);
-        let (mut t, mut m, mut v) = (vec![0.0; 6], vec![0.0; 6], vec![0.0; 6]);
-        let mut copy = vec![0.0; 4 * 16];
-        let step = AdamConsts::new(AdamStep {
-            lr: 0.1,
-            beta1: 0.9,
-            beta2: 0.999,
-            eps: 1e-8,
-            t: 1,
-        });
-        let rows = AdamRows {
-            theta: &mut t,
-            m: &mut m,
-            v: &mut v,
-            ld: 2,
-            step,
-            // SAFETY: a live local buffer; gemm refuses rows 2..5 of a 4-row matrix before
-            // writing anything.
-            packed: Some(unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), 2, 4) }),
-            theta_in: None,
-        };
-        let av = StridedA::rows(&a, 2);
-        gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));
-    }
-
-    #[test]
     fn gemm_runs_the_best_kernel_and_packs_for_it() {
         let best = Kernel::best();
         assert!(best.available());
@@ -1806,11 +1778,12 @@ mod tests {
         );
     }
 
-    #[test]
-    #[should_panic(expected = "Adam's")]
-    fn short_adam_rows_are_refused() {
+    /// Adam on a 3 × 2 block whose m has `m_len` floats (6 are needed), with a packed copy
+    /// that claims rows 2..5 of a 4-row matrix when `packed`: gemm must refuse before writing.
+    fn refused_adam(m_len: usize, packed: bool) {
         let (a, b) = (vec![1.0; 6], vec![1.0; 2 * 16]);
-        let (mut t, mut m, mut v) = (vec![0.0; 6], vec![0.0; 5], vec![0.0; 6]);
+        let (mut t, mut m, mut v) = (vec![0.0; 6], vec![0.0; m_len], vec![0.0; 6]);
+        let mut copy = vec![0.0; 4 * 16];
         let step = AdamConsts::new(AdamStep {
             lr: 0.1,
             beta1: 0.9,
@@ -1824,11 +1797,24 @@ mod tests {
             v: &mut v,
             ld: 2,
             step,
-            packed: None,
+            // SAFETY: a live local buffer that nothing else touches during the call.
+            packed: packed.then(|| unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), 2, 4) }),
             theta_in: None,
         };
         let av = StridedA::rows(&a, 2);
         gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));
+    }
+
+    #[test]
+    #[should_panic(expected = "Adam's")]
+    fn short_adam_rows_are_refused() {
+        refused_adam(5, false);
+    }
+
+    #[test]
+    #[should_panic(expected = "packed rows outside")]
+    fn packed_rows_past_their_buffer_are_refused() {
+        refused_adam(6, true);
     }
 
     #[test]
