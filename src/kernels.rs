@@ -33,7 +33,9 @@
 //! past the last row re-reads the last valid row of A instead of reading past it. The AVX
 //! kernels run only after run-time detection of their CPU features. [`pack_b_rows`] and
 //! [`pack_weight_rows`] write through raw pointers into buffers shared by threads, so they stay
-//! `unsafe fn` with their contracts in `# Safety`. Every `unsafe` block says why it is sound.
+//! `unsafe fn` with their contracts in `# Safety`; so does [`PackedRows::new`], the packed copy
+//! of W that Adam's epilogue writes (its rows are checked by [`gemm`], its exclusivity is the
+//! caller's contract). Every `unsafe` block says why it is sound.
 //! The tests run under Miri: the portable and AVX2 paths in full, the AVX-512 path except its
 //! (leaky) ReLU epilogues (Miri has no `vmaxps`/`vcmpps` on zmm). dfdx 0.13 does not build on
 //! today's nightly, so Miri runs this file in a crate of its own
