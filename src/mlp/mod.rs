@@ -889,7 +889,7 @@ pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N
 ///
 /// Network k sees `rows[k]` rows; each must be a whole multiple of the smallest, u (a
 /// PacGAN discriminator sees u rows of m samples side by side, its generator m·u rows): chunk q
-/// holds units u₀..u₁ of u, i.e. rows u₀·rows[k]/u .. u₁·rows[k]/u of network k.
+/// holds units u₀..u₁ of u, i.e. rows `u₀·rows[k]/u .. u₁·rows[k]/u` of network k.
 /// `results[q]` gets chunk q's return value (its share of the loss). Then [`update_nets`] does
 /// the weight updates. Chunks are fixed by the rows, so one thread and two give the same
 /// results.
