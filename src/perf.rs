@@ -5,7 +5,7 @@
 //! forward rows fold bias + ReLU into our kernel, the input-gradient rows the ReLU mask; the
 //! weight-gradient rows pack A = dOutᵀ (timed) and run Adam in the epilogue. The `gemm` crate
 //! gets the same work: its multiply on unpacked row-major B, then the same epilogue as a
-//! separate vectorised pass (Adam through [`crate::kernels::adam_update`]).
+//! separate vectorised pass (Adam through `kernels::adam_update`).
 
 #[cfg(feature = "bench-gemm")]
 use crate::kernels::{adam_update, vectorised};

@@ -12,7 +12,7 @@
 //!   ([`NoiseSchedule::posterior`]):
 //!   q(x_{t−1} | x_t, x_0) = N(μ̃, β̃_t), μ̃ = √ᾱ_{t−1} β_t/(1 − ᾱ_t) x_0
 //!   + √α_t (1 − ᾱ_{t−1})/(1 − ᾱ_t) x_t, β̃_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) β_t.
-//! - Training ([`Ddpm::step`]): a denoiser ε_θ(x_t, t) predicts the noise; the loss is
+//! - Training (`Ddpm::step`): a denoiser ε_θ(x_t, t) predicts the noise; the loss is
 //!   ‖ε − ε_θ(√ᾱ_t x_0 + √(1 − ᾱ_t) ε, t)‖², averaged over every element.
 //! - Sampling, DDPM ([`Ddpm::sample`]): x_T ~ N(0, I), then for t = T … 1
 //!   x_{t−1} = (x_t − β_t/√(1 − ᾱ_t) ε_θ(x_t, t)) / √α_t + σ_t z, σ_t² = β_t, z = 0 at t = 1.

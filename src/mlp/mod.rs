@@ -16,7 +16,7 @@
 //!
 //! ∂aₗ = ∂hₗ₊₁ ⊙ act_l′(hₗ₊₁),  ∂Wₗ = ∂aₗᵀ · hₗ,  ∂bₗ = Σ_rows ∂aₗ,  ∂hₗ = ∂aₗ · Wₗ.
 //!
-//! act′ is read off the layer's output: ReLU′ = 1[h > 0], LeakyReLU′ = 1 or α by the sign of
+//! act′ is read off the layer's output: ReLU′ = 1\[h > 0\], LeakyReLU′ = 1 or α by the sign of
 //! h (α > 0 keeps the sign). Each ∂Wₗ goes straight into Adam as it leaves the matrix multiply
 //! ([`Update::Adam`]), or is handed back ([`Update::Gradient`]), or is not computed at all
 //! ([`Update::None`]: a frozen network that only passes ∂input back, as a GAN's discriminator

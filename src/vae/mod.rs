@@ -14,11 +14,11 @@
 //! benchmark spec. Any H and L work.
 //!
 //! The encoder and the decoder are two networks of the engine ([`crate::mlp`]); one training
-//! step is the page of calls in [`Vae::step`]: forward through the encoder, the
+//! step is the page of calls in `Vae::step`: forward through the encoder, the
 //! reparameterisation, forward through the decoder, the loss and ∂logits, backward through the
 //! decoder (Adam fused in) down to ∂z, through the reparameterisation and the KL to ∂μ and
 //! ∂log σ², backward through the encoder (Adam fused in). The same model in a few lines of
-//! dfdx is [`reference`]; a test checks that both give the same loss and gradient.
+//! dfdx is [`reference`](mod@reference); a test checks that both give the same loss and gradient.
 
 use crate::data::{check_rows, load_digits, Batches, Digits, Images, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
