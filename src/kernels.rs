@@ -10,9 +10,11 @@
 //!
 //! # The matrix multiply
 //! C (m × n) = A (m × k) · B (k × n), then an [`Epilogue`] on each output element. A is read
-//! in place through strides, or from tiles packed by [`pack_a_transposed`]; B is packed into
-//! panels of [`NR`] = 16 columns, each panel k × 16 contiguous, so the inner loop streams it
-//! from L1. Three inner kernels compute the same thing; [`gemm`] picks one once per process
+//! in place through strides ([`StridedA`]: rows, or columns of a row-major matrix); B is read
+//! in panels of [`NR`] = 16 columns: packed by [`pack_b`] (each panel k × 16 contiguous, so the
+//! inner loop streams it from L1: weights), or a row-major matrix read in place, 16 columns of
+//! each row ([`BLayout::Rows`]: a layer's input as ∂W's B, which would otherwise be copied
+//! every step). Three inner kernels compute the same thing; [`gemm`] picks one once per process
 //! ([`Kernel::best`]):
 //! - AVX-512 (x86-64 with AVX-512F): a tile of [`MR_AVX512`] rows × 32 columns (two adjacent
 //!   panels) in 2·MR zmm registers, A broadcast from memory; an odd last panel runs a
@@ -145,165 +147,131 @@ fn cpu() -> Cpu {
 }
 
 /// Rows of C in one tile of the kernel [`gemm`] dispatches to on this CPU: the engine sizes its
-/// row chunks as multiples of it, and [`pack_a_transposed`] packs A in tiles of this height.
+/// row chunks as multiples of it.
 pub(crate) fn tile_rows() -> usize {
     Kernel::best().tile_rows()
 }
 
-/// A read in place. Rows come in tiles of T = [`tile_rows`] rows: element (i, p), with
-/// i = t·T + r (r < T), is `data[t * T * ts + r * rs + p * cs]`. For a plain strided matrix
-/// ts = rs, so this is `data[i * rs + p * cs]` whatever T is (e.g. Aᵀ read in place:
-/// `StridedA { data, rs: 1, cs: m, ts: 1 }`); [`StridedA::packed`] is the tiled case.
+/// A read in place: element (i, p) is `data[i * rs + p * cs]`. A row-major matrix has
+/// rs = k, cs = 1 ([`StridedA::rows`]); columns of a row-major matrix D read as the rows of A
+/// (Aᵀ stored) have rs = 1, cs = D's row length ([`StridedA::columns`]).
 #[derive(Clone, Copy)]
 pub(crate) struct StridedA<'a> {
     pub data: &'a [f32],
     pub rs: usize,
     pub cs: usize,
-    pub ts: usize,
 }
 
 impl<'a> StridedA<'a> {
     /// A row-major matrix with `k` columns.
     pub fn rows(data: &'a [f32], k: usize) -> Self {
-        StridedA {
-            data,
-            rs: k,
-            cs: 1,
-            ts: k,
-        }
+        StridedA { data, rs: k, cs: 1 }
     }
 
-    /// A matrix with k columns packed by [`pack_a_transposed`] (tiles of [`tile_rows`] rows,
-    /// each k × T contiguous).
-    pub fn packed(data: &'a [f32], k: usize) -> Self {
+    /// A = columns `c0..` of a row-major matrix D with `n` columns, transposed: A(i, p) =
+    /// D(p, c0 + i). How ∂W = ∂aᵀ·h reads ∂a: the tile's broadcasts of one step p lie side
+    /// by side in row p of D, so no packing is needed (measured: packing ∂aᵀ first cost W1
+    /// ~2 % more than it saved). An empty view if c0 is past the end (then [`gemm`]'s bounds
+    /// check refuses it).
+    pub fn columns(d: &'a [f32], n: usize, c0: usize) -> Self {
         StridedA {
-            data,
+            data: d.get(c0..).unwrap_or(&[]),
             rs: 1,
-            cs: tile_rows(),
-            ts: k,
+            cs: n,
         }
     }
 
-    /// Where row i starts, for tiles of `t` rows.
+    /// Where row i starts.
     #[inline(always)]
-    fn row_start(&self, i: usize, t: usize) -> usize {
-        if self.ts == self.rs {
-            i * self.rs
-        } else {
-            (i / t) * t * self.ts + (i % t) * self.rs
-        }
+    fn row_start(&self, i: usize) -> usize {
+        i * self.rs
     }
 
-    /// One past the largest index of `data` that rows 0..m, columns 0..k read (tiles of `t`
-    /// rows), or None if it overflows: the bound [`gemm`] asserts.
-    fn extent(&self, m: usize, k: usize, t: usize) -> Option<usize> {
+    /// One past the largest index of `data` that rows 0..m, columns 0..k read, or None if it
+    /// overflows: the bound [`gemm`] asserts.
+    fn extent(&self, m: usize, k: usize) -> Option<usize> {
         if m == 0 || k == 0 {
             return Some(0);
         }
-        let last_col = (k - 1).checked_mul(self.cs)?;
-        let mut most = 0usize;
-        // Row starts are not monotone in i for every stride choice, so check each row: O(m)
-        // per call against O(m·n·k) work.
-        for i in 0..m {
-            let start = if self.ts == self.rs {
-                i.checked_mul(self.rs)?
-            } else {
-                (i / t)
-                    .checked_mul(t)?
-                    .checked_mul(self.ts)?
-                    .checked_add((i % t).checked_mul(self.rs)?)?
-            };
-            most = most.max(start);
-        }
-        most.checked_add(last_col)?.checked_add(1)
+        (m - 1)
+            .checked_mul(self.rs)?
+            .checked_add((k - 1).checked_mul(self.cs)?)?
+            .checked_add(1)
     }
 }
 
-/// Length of the buffer [`pack_a_transposed`] fills for an m × k matrix A.
-pub(crate) fn packed_a_len(m: usize, k: usize) -> usize {
-    let t = tile_rows();
-    m.div_ceil(t) * t * k
+/// How B lies in memory for [`gemm`]: packed by [`pack_b`], or a row-major matrix read in
+/// place.
+#[derive(Clone, Copy)]
+pub(crate) enum BLayout {
+    /// Panels of k × 16, one after another ([`pack_b`]'s layout).
+    Packed,
+    /// Row-major with row stride `ld`: panel q is columns 16q..16q + 16 of every row, read
+    /// where they are (how ∂W reads a layer's input h: no copy). The lanes of a last partial
+    /// panel read the floats after column n − 1 of each row (their products are never
+    /// stored), so the slice must reach (k − 1)·ld + panel_cols(n).
+    Rows { ld: usize },
 }
 
-/// Packs A = columns `c0..c0 + m` of a row-major k × n matrix D, transposed (A(i, p) =
-/// D(p, c0 + i)), into tiles of [`tile_rows`] rows, each k × T contiguous: the layout
-/// [`StridedA::packed`] reads, so the kernel's loads of A are sequential. `dst` must hold
-/// [`packed_a_len`]`(m, k)` floats (asserted); the padding rows of the last tile are not
-/// written (the kernels never read them).
-pub(crate) fn pack_a_transposed(
-    d: &[f32],
-    n: usize,
-    c0: usize,
-    m: usize,
-    k: usize,
-    dst: &mut [f32],
-) {
-    pack_a_transposed_tiles(d, n, c0, m, k, dst, tile_rows());
+/// The B operand of [`gemm`]: its floats and their [`BLayout`]. A plain slice is packed B.
+#[derive(Clone, Copy)]
+pub(crate) struct PanelsB<'a> {
+    pub data: &'a [f32],
+    pub layout: BLayout,
 }
 
-fn pack_a_transposed_tiles(
-    d: &[f32],
-    n: usize,
-    c0: usize,
-    m: usize,
-    k: usize,
-    dst: &mut [f32],
-    t: usize,
-) {
-    assert!(
-        c0.checked_add(m).is_some_and(|end| end <= n),
-        "columns past n"
-    );
-    assert!(
-        k == 0 || (k - 1).checked_mul(n).is_some_and(|s| s + n <= d.len()),
-        "D shorter than k rows"
-    );
-    assert!(
-        m.div_ceil(t)
-            .checked_mul(t)
-            .and_then(|r| r.checked_mul(k))
-            .is_some_and(|len| len <= dst.len()),
-        "dst shorter than packed_a_len"
-    );
-    if t == MR_AVX512 {
-        pack_a_fixed::<MR_AVX512>(d, n, c0, m, k, dst);
-    } else if t == MR_AVX2 {
-        pack_a_fixed::<MR_AVX2>(d, n, c0, m, k, dst);
-    } else {
-        for p in 0..k {
-            let row = &d[p * n + c0..p * n + c0 + m];
-            for (tile, piece) in row.chunks(t).enumerate() {
-                let at = tile * k * t + p * t;
-                dst[at..at + piece.len()].copy_from_slice(piece);
-            }
+impl<'a> PanelsB<'a> {
+    /// A row-major k × n matrix with row stride `ld`, read in place ([`BLayout::Rows`]).
+    pub fn rows(data: &'a [f32], ld: usize) -> Self {
+        PanelsB {
+            data,
+            layout: BLayout::Rows { ld },
+        }
+    }
+
+    /// (panel stride, row stride) for a k-row B, or None if k · 16 overflows.
+    fn strides(&self, k: usize) -> Option<(usize, usize)> {
+        match self.layout {
+            BLayout::Packed => Some((k.checked_mul(NR)?, NR)),
+            BLayout::Rows { ld } => Some((NR, ld)),
+        }
+    }
+
+    /// One past the largest index of `data` that a k × n product reads (whole panels), or
+    /// None if it overflows: the bound [`gemm`] asserts.
+    fn extent(&self, k: usize, n: usize) -> Option<usize> {
+        if k == 0 || n == 0 {
+            return Some(0);
+        }
+        let (ps, rs) = self.strides(k)?;
+        (n.div_ceil(NR) - 1)
+            .checked_mul(ps)?
+            .checked_add((k - 1).checked_mul(rs)?)?
+            .checked_add(NR)
+    }
+}
+
+impl<'a> From<&'a [f32]> for PanelsB<'a> {
+    fn from(data: &'a [f32]) -> Self {
+        PanelsB {
+            data,
+            layout: BLayout::Packed,
         }
     }
 }
 
-/// [`pack_a_transposed_tiles`] for tiles of a constant T: fixed-size copies, which compile to
-/// a few vector moves instead of a call to memcpy per tile row.
-fn pack_a_fixed<const T: usize>(
-    d: &[f32],
-    n: usize,
-    c0: usize,
-    m: usize,
-    k: usize,
-    dst: &mut [f32],
-) {
-    for p in 0..k {
-        let row = &d[p * n + c0..p * n + c0 + m];
-        let (whole, rest) = row.as_chunks::<T>();
-        for (tile, piece) in whole.iter().enumerate() {
-            let at = tile * k * T + p * T;
-            if let Ok(to) = <&mut [f32; T]>::try_from(&mut dst[at..at + T]) {
-                *to = *piece;
-            }
-        }
-        if !rest.is_empty() {
-            let at = whole.len() * k * T + p * T;
-            dst[at..at + rest.len()].copy_from_slice(rest);
-        }
+impl<'a> From<&'a Vec<f32>> for PanelsB<'a> {
+    fn from(data: &'a Vec<f32>) -> Self {
+        PanelsB::from(data.as_slice())
     }
+}
+
+/// B as a kernel walks it: row p of panel q is the 16 floats at `data[q * ps + p * rs..]`.
+#[derive(Clone, Copy)]
+struct Panels<'a> {
+    data: &'a [f32],
+    ps: usize,
+    rs: usize,
 }
 
 /// What happens to each element c = Σₚ A(i, p) B(p, j) before it is stored.
@@ -636,12 +604,12 @@ pub(crate) unsafe fn pack_transposed_rows(
 /// its m × k reads, `b` hold k · panel_cols(n) floats, `c` (unless the epilogue is Adam) and
 /// a mask H hold (m − 1)·ldc + n, a bias n, Adam's slices (m − 1)·ld + n.
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm(
+pub(crate) fn gemm<'b>(
     m: usize,
     n: usize,
     k: usize,
     a: StridedA<'_>,
-    b: &[f32],
+    b: impl Into<PanelsB<'b>>,
     c: &mut [f32],
     ldc: usize,
     epi: Epilogue<'_>,
@@ -652,13 +620,13 @@ pub(crate) fn gemm(
 /// [`gemm`] on a chosen kernel (for the tests and the benchmarks). Panics if the kernel is
 /// not [`Kernel::available`].
 #[allow(clippy::too_many_arguments)]
-pub(crate) fn gemm_on(
+pub(crate) fn gemm_on<'b>(
     kernel: Kernel,
     m: usize,
     n: usize,
     k: usize,
     a: StridedA<'_>,
-    b: &[f32],
+    b: impl Into<PanelsB<'b>>,
     c: &mut [f32],
     ldc: usize,
     mut epi: Epilogue<'_>,
@@ -667,18 +635,22 @@ pub(crate) fn gemm_on(
     if m == 0 || n == 0 {
         return;
     }
-    let t = tile_rows();
+    let b = b.into();
     // The extent of C's layout (also H's): the last row's n entries.
     let c_len = (m - 1).checked_mul(ldc).and_then(|x| x.checked_add(n));
     let fits = |len: usize| c_len.is_some_and(|need| need <= len);
     assert!(
-        panel_cols_checked(n)
-            .and_then(|w| w.checked_mul(k))
-            .is_some_and(|need| need <= b.len()),
-        "packed B shorter than k · panel_cols(n)"
+        b.extent(k, n).is_some_and(|need| need <= b.data.len()),
+        "B shorter than its k × n reads (packed: k · panel_cols(n))"
     );
+    let (ps, rs) = b.strides(k).unwrap_or((0, 0));
+    let b = Panels {
+        data: b.data,
+        ps,
+        rs,
+    };
     assert!(
-        a.extent(m, k, t).is_some_and(|need| need <= a.data.len()),
+        a.extent(m, k).is_some_and(|need| need <= a.data.len()),
         "A shorter than its m × k reads"
     );
     let out = Out {
@@ -756,13 +728,13 @@ pub(crate) fn gemm_on(
     // (`kernel.available()`, asserted above).
     match kernel {
         // SAFETY: as for all arms, above.
-        Kernel::Portable => unsafe { gemm_portable(m, n, k, a, t, b, out, e) },
+        Kernel::Portable => unsafe { gemm_portable(m, n, k, a, b, out, e) },
         #[cfg(all(target_arch = "x86_64", not(feature = "portable")))]
         // SAFETY: as for all arms, above.
-        Kernel::Avx2 => unsafe { x86::gemm_avx2(m, n, k, a, t, b, out, e) },
+        Kernel::Avx2 => unsafe { x86::gemm_avx2(m, n, k, a, b, out, e) },
         #[cfg(all(target_arch = "x86_64", not(feature = "portable")))]
         // SAFETY: as for all arms, above.
-        Kernel::Avx512 => unsafe { x86::gemm_avx512::<MR_AVX512>(m, n, k, a, t, b, out, e) },
+        Kernel::Avx512 => unsafe { x86::gemm_avx512::<MR_AVX512>(m, n, k, a, b, out, e) },
         #[cfg(not(all(target_arch = "x86_64", not(feature = "portable"))))]
         Kernel::Avx2 | Kernel::Avx512 => unreachable!("not available in this build"),
     }
@@ -783,21 +755,22 @@ unsafe fn gemm_portable(
     n: usize,
     k: usize,
     a: StridedA<'_>,
-    t: usize,
-    b: &[f32],
+    b: Panels<'_>,
     out: Out,
     epi: Epi,
 ) {
     const MR: usize = MR_PORTABLE;
     for q in 0..n.div_ceil(NR) {
-        let panel = &b[q * k * NR..(q + 1) * k * NR];
         let cols = NR.min(n - q * NR);
         for i0 in (0..m).step_by(MR) {
             let rows = MR.min(m - i0);
             // Rows past m re-read the last valid row (never stored).
-            let off: [usize; MR] = std::array::from_fn(|r| a.row_start((i0 + r).min(m - 1), t));
+            let off: [usize; MR] = std::array::from_fn(|r| a.row_start((i0 + r).min(m - 1)));
             let mut acc = [[0.0f32; NR]; MR];
-            for (p, brow) in panel.as_chunks::<NR>().0.iter().enumerate() {
+            for p in 0..k {
+                // In bounds: gemm_on checked B's extent for whole panels.
+                let at = q * b.ps + p * b.rs;
+                let brow = &b.data[at..at + NR];
                 for (acc_r, &o) in acc.iter_mut().zip(&off) {
                     let x = a.data[o + p * a.cs];
                     for (cv, &bv) in acc_r.iter_mut().zip(brow) {
@@ -818,7 +791,7 @@ unsafe fn gemm_portable(
 /// The x86-64 kernels (compiled out by the `portable` feature and on other targets).
 #[cfg(all(target_arch = "x86_64", not(feature = "portable")))]
 mod x86 {
-    use super::{store_one, Epi, Out, StridedA, MR_AVX2, NR};
+    use super::{store_one, Epi, Out, Panels, StridedA, MR_AVX2, NR};
     use std::arch::x86_64::*;
 
     /// The AVX2 + FMA kernel: tiles of 5 × 16 in ten ymm registers, 10 FMAs per k.
@@ -833,23 +806,23 @@ mod x86 {
         n: usize,
         k: usize,
         a: StridedA<'_>,
-        t: usize,
-        b: &[f32],
+        b: Panels<'_>,
         out: Out,
         epi: Epi,
     ) {
         const MR: usize = MR_AVX2;
         let ap = a.data.as_ptr();
         for q in 0..n.div_ceil(NR) {
-            // In bounds: b holds k · panel_cols(n) floats (asserted by gemm_on).
-            let panel = b[q * k * NR..].as_ptr();
+            // In bounds: gemm_on checked B's extent for whole panels.
+            // Dereferenced only inside B's checked extent (k > 0 rows of whole panels).
+            let panel = b.data.as_ptr().wrapping_add(q * b.ps);
             let j0 = q * NR;
             let cols = NR.min(n - j0);
             for i0 in (0..m).step_by(MR) {
                 let rows = MR.min(m - i0);
                 // Rows past m re-read the last valid row (never stored), so no load is out of
                 // bounds and the loop has no branches.
-                let off: [usize; MR] = std::array::from_fn(|r| a.row_start((i0 + r).min(m - 1), t));
+                let off: [usize; MR] = std::array::from_fn(|r| a.row_start((i0 + r).min(m - 1)));
                 if let Epi::Adam(ad) = epi {
                     // Ask for the next tile's θ, m, v now: they come from L3 while this tile's
                     // multiply-adds run. Prefetch addresses may lie past a row or a buffer
@@ -875,7 +848,7 @@ mod x86 {
                 // The first tile of a panel also asks for the next panel, one line per k, so
                 // that it is in cache when the next tiles start on it.
                 let mut pf = if i0 == 0 && (q + 1) * NR < n {
-                    panel.wrapping_add(k * NR)
+                    panel.wrapping_add(b.ps)
                 } else {
                     panel
                 };
@@ -884,8 +857,8 @@ mod x86 {
                 let mut pb = panel;
                 for _ in 0..k {
                     _mm_prefetch::<_MM_HINT_T0>(pf as *const i8);
-                    pf = pf.wrapping_add(NR);
-                    // SAFETY: pb walks panel q's k rows of 16 (inside b); off[r] + pa is an
+                    pf = pf.wrapping_add(b.rs);
+                    // SAFETY: pb walks panel q's k rows of 16 (inside B's checked extent); off[r] + pa is an
                     // element of A's checked extent (row ≤ m − 1, column < k).
                     unsafe {
                         let b0 = _mm256_loadu_ps(pb);
@@ -895,7 +868,7 @@ mod x86 {
                             acc[r][0] = _mm256_fmadd_ps(x, b0, acc[r][0]);
                             acc[r][1] = _mm256_fmadd_ps(x, b1, acc[r][1]);
                         }
-                        pb = pb.add(NR);
+                        pb = pb.wrapping_add(b.rs);
                     }
                     pa += a.cs;
                 }
@@ -1040,8 +1013,7 @@ mod x86 {
         n: usize,
         k: usize,
         a: StridedA<'_>,
-        t: usize,
-        b: &[f32],
+        b: Panels<'_>,
         out: Out,
         epi: Epi,
     ) {
@@ -1057,10 +1029,10 @@ mod x86 {
                 // SAFETY: the caller's contract; q (and q + 1 for a pair) < panels, i0 < m.
                 unsafe {
                     match (pair, half) {
-                        (true, false) => tile_avx512::<MR, 2>(m, n, k, a, t, b, out, epi, q, i0),
-                        (false, false) => tile_avx512::<MR, 1>(m, n, k, a, t, b, out, epi, q, i0),
-                        (true, true) => tile_avx512::<4, 2>(m, n, k, a, t, b, out, epi, q, i0),
-                        (false, true) => tile_avx512::<4, 1>(m, n, k, a, t, b, out, epi, q, i0),
+                        (true, false) => tile_avx512::<MR, 2>(m, n, k, a, b, out, epi, q, i0),
+                        (false, false) => tile_avx512::<MR, 1>(m, n, k, a, b, out, epi, q, i0),
+                        (true, true) => tile_avx512::<4, 2>(m, n, k, a, b, out, epi, q, i0),
+                        (false, true) => tile_avx512::<4, 1>(m, n, k, a, b, out, epi, q, i0),
                     }
                 }
             }
@@ -1080,23 +1052,23 @@ mod x86 {
         n: usize,
         k: usize,
         a: StridedA<'_>,
-        t: usize,
-        b: &[f32],
+        b: Panels<'_>,
         out: Out,
         epi: Epi,
         q: usize,
         i0: usize,
     ) {
         let ap = a.data.as_ptr();
-        let panel = b[q * k * NR..].as_ptr();
+        // Dereferenced only inside B's checked extent (k > 0 rows of whole panels).
+        let panel = b.data.as_ptr().wrapping_add(q * b.ps);
         let j0 = q * NR;
         let rows = MR.min(m - i0);
         // Rows past m re-read the last valid row (never stored).
-        let off: [usize; MR] = std::array::from_fn(|r| a.row_start((i0 + r).min(m - 1), t));
+        let off: [usize; MR] = std::array::from_fn(|r| a.row_start((i0 + r).min(m - 1)));
         // The first tile of a panel pair asks for the next pair, one line per k and panel
         // (addresses only prefetched: wrapping_add, no bounds claim).
         let ahead = if i0 == 0 && q + NP < n.div_ceil(NR) {
-            NP * k * NR
+            NP * b.ps
         } else {
             0
         };
@@ -1107,9 +1079,9 @@ mod x86 {
             // SAFETY: pb walks row p of panels q..q + NP (inside b: q + NP ≤ panels); off[r] +
             // pa is an element of A's checked extent (row ≤ m − 1, column < k).
             unsafe {
-                let bv: [__m512; NP] = std::array::from_fn(|h| _mm512_loadu_ps(pb.add(h * k * NR)));
+                let bv: [__m512; NP] = std::array::from_fn(|h| _mm512_loadu_ps(pb.add(h * b.ps)));
                 for h in 0..NP {
-                    _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(ahead + h * k * NR) as *const i8);
+                    _mm_prefetch::<_MM_HINT_T0>(pb.wrapping_add(ahead + h * b.ps) as *const i8);
                 }
                 for r in 0..MR {
                     let x = _mm512_set1_ps(*ap.add(off[r] + pa));
@@ -1117,7 +1089,7 @@ mod x86 {
                         acc[r][h] = _mm512_fmadd_ps(x, bv[h], acc[r][h]);
                     }
                 }
-                pb = pb.add(NR);
+                pb = pb.wrapping_add(b.rs);
             }
             pa += a.cs;
         }
@@ -1488,17 +1460,21 @@ mod tests {
                     at[p * m + i] = a[i * k + p];
                 }
             }
-            let mut ap = vec![0.0; packed_a_len(m, k)];
-            pack_a_transposed(&at, m, 0, m, k, &mut ap);
-            let transposed = StridedA {
-                data: &at,
-                rs: 1,
-                cs: m,
-                ts: 1,
-            };
-            let layouts = [StridedA::rows(&a, k), transposed, StridedA::packed(&ap, k)];
+            let layouts = [StridedA::rows(&a, k), StridedA::columns(&at, m, 0)];
+            // B read in place: rows of stride n + 3 whose gaps, and the floats after the last
+            // row's panels, are NaN: a lane past n never reaches C.
+            let ld = n + 3;
+            let mut b_rows = vec![f32::NAN; k.saturating_sub(1) * ld + panel_cols(n)];
+            for p in 0..k {
+                b_rows[p * ld..p * ld + n].copy_from_slice(&b[p * n..(p + 1) * n]);
+            }
+            let b_layouts = [PanelsB::from(&packed), PanelsB::rows(&b_rows, ld)];
             for &kernel in &ks {
-                for (ai, &av) in layouts.iter().enumerate() {
+                for (li, (&av, &bv)) in layouts
+                    .iter()
+                    .flat_map(|a| b_layouts.iter().map(move |b| (a, b)))
+                    .enumerate()
+                {
                     for ei in 0..6 {
                         // Miri implements neither vmaxps nor vcmpps (zmm): the AVX-512
                         // (leaky) ReLU epilogues are tested natively only.
@@ -1507,12 +1483,12 @@ mod tests {
                         }
                         let mut c = vec![f32::NAN; m * n];
                         let epi = epilogue(ei, &bias, &h);
-                        gemm_on(kernel, m, n, k, av, &packed, &mut c, n, epi);
+                        gemm_on(kernel, m, n, k, av, bv, &mut c, n, epi);
                         for (idx, (&got, &w)) in c.iter().zip(&want).enumerate() {
                             let expect = expected(ei, w, bias[idx % n], h[idx]);
                             assert!(
                                 (got - expect).abs() <= 1e-5 * (1.0 + expect.abs()),
-                                "{kernel:?} m={m} n={n} k={k} a#{ai} epi#{ei} [{idx}]: \
+                                "{kernel:?} m={m} n={n} k={k} layouts#{li} epi#{ei} [{idx}]: \
                                  {got} vs {expect}"
                             );
                         }
@@ -1559,15 +1535,12 @@ mod tests {
     }
 
     #[test]
-    fn weight_gradient_reads_a_packed_block_of_columns() {
-        // dW = dOutᵀ·In for output rows c0..c0 + m: A is columns c0.. of dOut (batch × out).
-        let (batch, out, inp, c0, m) = (if cfg!(miri) { 7 } else { 37 }, 29, 20, 3, 19);
+    fn weight_gradient_reads_a_block_of_columns_in_place() {
+        // dW = dOutᵀ·In for output rows c0..c0 + m: A is columns c0.. of dOut (batch × out),
+        // read where they are; In (batch × 32) is read in place too, as the engine does.
+        let (batch, out, inp, c0, m) = (if cfg!(miri) { 7 } else { 37 }, 29, 32, 3, 19);
         let d_out = values(batch * out, 21);
         let input = values(batch * inp, 22);
-        let mut packed = vec![0.0; batch * panel_cols(inp)];
-        pack_b(&input, inp, 1, batch, inp, &mut packed);
-        let mut ap = vec![0.0; packed_a_len(m, batch)];
-        pack_a_transposed(&d_out, out, c0, m, batch, &mut ap);
         let mut a = vec![0.0; m * batch];
         for i in 0..m {
             for p in 0..batch {
@@ -1577,14 +1550,14 @@ mod tests {
         let want = naive(m, inp, batch, &a, &input);
         for kernel in kernels() {
             let mut g = vec![0.0; m * inp];
-            let av = StridedA::packed(&ap, batch);
+            let av = StridedA::columns(&d_out, out, c0);
             gemm_on(
                 kernel,
                 m,
                 inp,
                 batch,
                 av,
-                &packed,
+                PanelsB::rows(&input, inp),
                 &mut g,
                 inp,
                 Epilogue::Store,
@@ -1716,7 +1689,6 @@ mod tests {
         let best = Kernel::best();
         assert!(best.available());
         assert_eq!(tile_rows(), best.tile_rows());
-        assert_eq!(packed_a_len(1, 3), best.tile_rows() * 3);
         let (m, n, k) = (9, 20, 5);
         let a = values(m * k, 31);
         let b = values(k * n, 32);
@@ -1764,7 +1736,7 @@ mod tests {
     }
 
     #[test]
-    #[should_panic(expected = "packed B shorter")]
+    #[should_panic(expected = "B shorter than its k × n reads (packed: k · panel_cols(n))")]
     fn short_b_is_refused() {
         let (a, b) = (vec![1.0; 6], vec![1.0; 2 * 16 - 1]);
         let mut c = vec![0.0; 6];
@@ -1829,17 +1801,27 @@ mod tests {
             data: &a,
             rs: usize::MAX / 2,
             cs: 1,
-            ts: usize::MAX / 2,
         };
         gemm(3, 2, 2, huge, &b, &mut c, 2, Epilogue::Store);
     }
 
     #[test]
-    #[should_panic(expected = "dst shorter")]
-    fn short_a_pack_is_refused() {
-        let d = vec![1.0; 4 * 10];
-        let mut dst = vec![0.0; packed_a_len(3, 4) - 1];
-        pack_a_transposed(&d, 10, 0, 3, 4, &mut dst);
+    #[should_panic(expected = "B shorter")]
+    fn short_b_rows_are_refused() {
+        // n = 20 read in place with ld = 20: the last row's second panel reads 12 floats
+        // past its 20 (whole panels), so 4 · 20 floats are too few; 3 · 20 + 32 are enough.
+        let (a, b) = (vec![1.0; 3 * 4], vec![1.0; 4 * 20]);
+        let mut c = vec![0.0; 3 * 20];
+        gemm(
+            3,
+            20,
+            4,
+            StridedA::rows(&a, 4),
+            PanelsB::rows(&b, 20),
+            &mut c,
+            20,
+            Epilogue::Store,
+        );
     }
 
     #[test]

@@ -10,8 +10,8 @@
 #[cfg(feature = "bench-gemm")]
 use crate::kernels::{adam_update, vectorised};
 use crate::kernels::{
-    gemm_on, pack_a_transposed, pack_b, packed_a_len, panel_cols, tile_rows, AdamConsts, AdamRows,
-    AdamStep, Epilogue, Kernel, StridedA,
+    gemm_on, pack_b, panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, Kernel,
+    PanelsB, StridedA,
 };
 use std::fmt::Write as _;
 use std::time::Instant;
@@ -34,7 +34,7 @@ impl Role {
         match self {
             Role::Forward => "forward, bias+ReLU",
             Role::InputGrad => "input grad, ReLU mask",
-            Role::WeightGrad => "weight grad + Adam, A packed per call",
+            Role::WeightGrad => "weight grad + Adam, A and B read in place",
             Role::Plain => "plain C = A·B (peak)",
         }
     }
@@ -130,7 +130,6 @@ impl Operands {
         (r0, r1): (usize, usize),
         c: &mut [f32],
         state: &mut [Vec<f32>; 3],
-        a_pack: &mut [f32],
     ) {
         let (k, n, rows) = (self.k, self.n, r1 - r0);
         let a = StridedA::rows(&self.a[r0 * k..r1 * k], k);
@@ -153,8 +152,8 @@ impl Operands {
             }
             Role::Plain => gemm_on(kernel, rows, n, k, a, b, c, n, Epilogue::Store),
             Role::WeightGrad => {
-                pack_a_transposed(&self.a, self.m, r0, rows, k, a_pack);
-                let a = StridedA::packed(a_pack, k);
+                // As the engine: ∂a's columns and the input rows, both read in place.
+                let a = StridedA::columns(&self.a, self.m, r0);
                 let [theta, m, v] = state;
                 let rows_adam = AdamRows {
                     theta,
@@ -171,7 +170,7 @@ impl Operands {
                     n,
                     k,
                     a,
-                    b,
+                    PanelsB::rows(&self.b, n),
                     &mut [],
                     n,
                     Epilogue::Adam(rows_adam),
@@ -201,18 +200,16 @@ impl Operands {
                 vec![0.0; rows * n],
             ]
         });
-        let mut packs: [Vec<f32>; 2] = std::array::from_fn(|_| vec![0.0; packed_a_len(m, self.k)]);
         gflops(m, self.k, n, rounds, || {
             let (c0, c1) = c.split_at_mut(half * n);
             let [s0, s1] = &mut states;
-            let [p0, p1] = &mut packs;
             if half == m {
-                self.ours(kernel, parts[0], c0, s0, p0);
+                self.ours(kernel, parts[0], c0, s0);
                 return;
             }
             std::thread::scope(|s| {
-                s.spawn(|| self.ours(kernel, parts[0], c0, s0, p0));
-                self.ours(kernel, parts[1], c1, s1, p1);
+                s.spawn(|| self.ours(kernel, parts[0], c0, s0));
+                self.ours(kernel, parts[1], c1, s1);
             });
         })
     }

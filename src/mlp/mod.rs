@@ -57,14 +57,13 @@ pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
 use crate::kernels::{
-    adam_update, column_sums, gemm, pack_a_transposed, pack_b_rows, pack_transposed_rows,
-    pack_weight_rows, packed_a_len, panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep,
-    Epilogue, PackedRows, StridedA,
+    adam_update, column_sums, gemm, pack_b_rows, pack_transposed_rows, pack_weight_rows,
+    panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, PackedRows, PanelsB, StridedA,
+    NR,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The nonlinearity after a layer.
@@ -167,6 +166,14 @@ struct Dense {
 impl Dense {
     fn bias(&self) -> usize {
         self.at + self.inp * self.out
+    }
+
+    /// Whether the forward pass packs this layer's input for ∂W. An input of whole 16-wide
+    /// panels is read in place by ∂W's multiply instead (no copy every step; W2's packing was
+    /// ~5 % of its time); a narrower or ragged one (the GAN's 2-wide, the VAE decoder's
+    /// latent) is packed, so the multiply never reads past the buffer.
+    fn packs_input(&self) -> bool {
+        !self.inp.is_multiple_of(NR)
     }
 }
 
@@ -571,7 +578,12 @@ impl Mlp {
         if training {
             for (li, d) in self.layers.iter().enumerate() {
                 self.da[li].resize(rows * d.out, 0.0);
-                self.packed_in[li].resize(rows * panel_cols(d.inp), 0.0);
+                let packed = if d.packs_input() {
+                    rows * panel_cols(d.inp)
+                } else {
+                    0
+                };
+                self.packed_in[li].resize(packed, 0.0);
             }
             self.dinput.resize(rows * self.layers[0].inp, 0.0);
         }
@@ -1016,7 +1028,7 @@ impl<'a> RowViews<'a> {
         for (li, d) in self.layers.iter().enumerate() {
             // SAFETY: rows i0..i1 are this task's (the function's contract).
             let input = unsafe { self.h[li].part(i0 * d.inp, i1 * d.inp) };
-            if let Some(packed) = self.packed_in.get(li) {
+            if let Some(packed) = self.packed_in.get(li).filter(|_| d.packs_input()) {
                 // SAFETY: packed_in[li] holds rows · panel_cols(inp) floats (size_for) and
                 // this task alone writes its rows i0..i1.
                 unsafe { pack_b_rows(input, i0, self.rows, d.inp, packed.ptr) };
@@ -1211,11 +1223,6 @@ fn run_forward(
     })
 }
 
-thread_local! {
-    /// Each thread's buffer for ∂aᵀ packed as the A operand of ∂W (grows once, then reused).
-    static A_PACK: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
 /// ∂W and ∂b for rows r0..r1 of layer `li`, then Adam on them (or stored into `grads`); with
 /// Adam and `kept`, the rows' parameters before the step are read from `kept` (where they
 /// stay, as the undo copy) and the stepped ones written to θ.
@@ -1248,15 +1255,16 @@ unsafe fn update_block(
     }
     // SAFETY: as the function's contract says, these ranges are this task's alone or
     // read-only during this stretch.
-    let (da, packed) = unsafe { (sh.da[li].all(), sh.packed_in[li].all()) };
-    A_PACK.with(|cell| {
-        let mut a_pack = cell.borrow_mut();
-        let need = packed_a_len(n, rows);
-        if a_pack.len() < need {
-            a_pack.resize(need, 0.0);
-        }
-        pack_a_transposed(da, d.out, r0, n, rows, &mut a_pack);
-        let a = StridedA::packed(&a_pack, rows);
+    let (da, h, packed) = unsafe { (sh.da[li].all(), sh.h[li].all(), sh.packed_in[li].all()) };
+    {
+        // ∂W = ∂aᵀ·h: A is columns r0..r1 of ∂a and B the layer's input h, both read where
+        // they are (h packed by the forward pass where its width is not whole panels).
+        let a = StridedA::columns(da, d.out, r0);
+        let packed = if d.packs_input() {
+            PanelsB::from(packed)
+        } else {
+            PanelsB::rows(h, d.inp)
+        };
         let mut db = [0.0f32; BLOCK];
         let db = &mut db[..n];
         column_sums(da, d.out, r0, db);
@@ -1324,7 +1332,7 @@ unsafe fn update_block(
             }
             (None, None) => {}
         }
-    });
+    }
 }
 
 /// Chunks of about half the batch (more for large batches, at most ~128 rows each), cut at
@@ -1487,6 +1495,7 @@ struct Shared {
     fwd: Vec<Raw>,
     bwd: Vec<Raw>,
     da: Vec<Raw>,
+    h: Vec<Raw>,
     packed_in: Vec<Raw>,
     /// An update task left a parameter NaN or infinite.
     non_finite: AtomicBool,
@@ -1505,6 +1514,7 @@ impl Shared {
             fwd: raws(&mut net.fwd),
             bwd: raws(&mut net.bwd),
             da: raws(&mut net.da),
+            h: raws(&mut net.h),
             packed_in: raws(&mut net.packed_in),
             non_finite: AtomicBool::new(false),
             #[cfg(test)]
