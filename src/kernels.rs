@@ -660,41 +660,7 @@ pub(crate) fn gemm_on<'b>(
     let bias_ok = |bias: &[f32]| assert!(bias.len() >= n, "bias shorter than n");
     let mask_ok = |h: &[f32]| assert!(fits(h.len()), "mask H shorter than (m − 1)·ldc + n");
     let e = if let Epilogue::Adam(rows) = &mut epi {
-        let need = (m - 1).checked_mul(rows.ld).and_then(|x| x.checked_add(n));
-        let ok = |len: usize| need.is_some_and(|need| need <= len);
-        assert!(
-            ok(rows.theta.len())
-                && ok(rows.m.len())
-                && ok(rows.v.len())
-                && rows.theta_in.is_none_or(|t| ok(t.len())),
-            "Adam's θ, m, v shorter than (m − 1)·ld + n"
-        );
-        let (packed, panel) = match rows.packed {
-            None => (std::ptr::null_mut(), 0),
-            Some(p) => {
-                let panel = p.rows.checked_mul(NR);
-                assert!(
-                    p.first.checked_add(m).is_some_and(|end| end <= p.rows)
-                        && panel_cols_checked(n)
-                            .and_then(|w| w.checked_mul(p.rows))
-                            .is_some_and(|need| need <= p.len),
-                    "packed rows outside their buffer"
-                );
-                // In bounds: first < rows, so first·16 < rows·16 ≤ len.
-                (p.ptr.wrapping_add(p.first * NR), panel.unwrap_or(0))
-            }
-        };
-        let theta = rows.theta.as_mut_ptr();
-        Epi::Adam(AdamPtrs {
-            theta_in: rows.theta_in.map_or(theta.cast_const(), |t| t.as_ptr()),
-            theta,
-            m: rows.m.as_mut_ptr(),
-            v: rows.v.as_mut_ptr(),
-            ld: rows.ld,
-            step: rows.step,
-            packed,
-            panel,
-        })
+        Epi::Adam(adam_ptrs(m, n, rows))
     } else {
         assert!(fits(c.len()), "C shorter than (m − 1)·ldc + n");
         match &epi {
@@ -742,6 +708,76 @@ pub(crate) fn gemm_on<'b>(
 
 fn panel_cols_checked(n: usize) -> Option<usize> {
     n.div_ceil(NR).checked_mul(NR)
+}
+
+/// The raw pointers of an Adam epilogue on an m × n block, after asserting that every index
+/// the block touches is inside its slices (θ, m, v and θ's source: (m − 1)·ld + n; the packed
+/// copy: its rows and panel_cols(n) columns).
+fn adam_ptrs(m: usize, n: usize, rows: &mut AdamRows<'_>) -> AdamPtrs {
+    let need = (m - 1).checked_mul(rows.ld).and_then(|x| x.checked_add(n));
+    let ok = |len: usize| need.is_some_and(|need| need <= len);
+    assert!(
+        ok(rows.theta.len())
+            && ok(rows.m.len())
+            && ok(rows.v.len())
+            && rows.theta_in.is_none_or(|t| ok(t.len())),
+        "Adam's θ, m, v shorter than (m − 1)·ld + n"
+    );
+    let (packed, panel) = match rows.packed {
+        None => (std::ptr::null_mut(), 0),
+        Some(p) => {
+            let panel = p.rows.checked_mul(NR);
+            assert!(
+                p.first.checked_add(m).is_some_and(|end| end <= p.rows)
+                    && panel_cols_checked(n)
+                        .and_then(|w| w.checked_mul(p.rows))
+                        .is_some_and(|need| need <= p.len),
+                "packed rows outside their buffer"
+            );
+            // In bounds: first < rows, so first·16 < rows·16 ≤ len.
+            (p.ptr.wrapping_add(p.first * NR), panel.unwrap_or(0))
+        }
+    };
+    let theta = rows.theta.as_mut_ptr();
+    AdamPtrs {
+        theta_in: rows.theta_in.map_or(theta.cast_const(), |t| t.as_ptr()),
+        theta,
+        m: rows.m.as_mut_ptr(),
+        v: rows.v.as_mut_ptr(),
+        ld: rows.ld,
+        step: rows.step,
+        packed,
+        panel,
+    }
+}
+
+/// What [`gemm`] with [`Epilogue::Adam`] does to an m × n block whose gradient is already
+/// known, g(i, j) = `g[i * n + j]`: the same Adam step on every parameter (the scalar form of
+/// the kernels' epilogue: the same bits), θ read from `theta_in` when given, the packed copy
+/// written. For a layer with few inputs, whose gradient is cheaper to compute transposed.
+/// Panics (before touching anything) on the bounds [`gemm`] checks, or if g is shorter than
+/// m · n.
+pub(crate) fn adam_block(m: usize, n: usize, g: &[f32], mut rows: AdamRows<'_>) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(
+        m.checked_mul(n).is_some_and(|len| len <= g.len()),
+        "gradient shorter than m · n"
+    );
+    let epi = Epi::Adam(adam_ptrs(m, n, &mut rows));
+    let out = Out {
+        c: std::ptr::null_mut(),
+        ldc: 0,
+    };
+    for (i, row) in g.chunks_exact(n).take(m).enumerate() {
+        for (j, &gij) in row.iter().enumerate() {
+            // SAFETY: i < m and j < n, inside the extents adam_ptrs asserted; the pointers
+            // come from `rows`, whose borrows live for this whole call (an Adam epilogue
+            // never touches `out`).
+            unsafe { store_one(out, epi, i, j, gij) };
+        }
+    }
 }
 
 /// The portable kernel: tiles of [`MR_PORTABLE`] × 16 in arrays the compiler keeps in vector
@@ -1738,6 +1774,27 @@ mod tests {
             }
         }
         assert!(copy == want, "{kernel:?} m={m} n={n} k={k}: packed copy");
+        // The same step from the gradient already computed (adam_block): the same bits.
+        let (mut t4, mut m4, mut v4) = (values(len, 8), values(len, 9), values(len, 10));
+        for x in v4.iter_mut() {
+            *x = x.abs();
+        }
+        let mut copy4 = vec![7.5f32; total * panel_cols(n)];
+        let rows = AdamRows {
+            theta: &mut t4,
+            m: &mut m4,
+            v: &mut v4,
+            ld,
+            step,
+            // SAFETY: as above, for `copy4`.
+            packed: Some(unsafe { PackedRows::new(copy4.as_mut_ptr(), copy4.len(), first, total) }),
+            theta_in: None,
+        };
+        adam_block(m, n, &g, rows);
+        assert!(
+            t4 == t2 && m4 == m2 && v4 == v2 && copy4 == copy,
+            "{kernel:?} m={m} n={n} k={k}: adam_block"
+        );
         // Reading θ from another buffer: the same step lands in `theta` (whatever it held),
         // the source keeps the values before the step, the gaps between rows stay.
         let (before, mut m3, mut v3) = (
@@ -1845,6 +1902,11 @@ mod tests {
     /// Adam on a 3 × 2 block whose m has `m_len` floats (6 are needed), with a packed copy
     /// that claims rows 2..5 of a 4-row matrix when `packed`: gemm must refuse before writing.
     fn refused_adam(m_len: usize, packed: bool) {
+        refused_adam_via(m_len, packed, false);
+    }
+
+    /// As `refused_adam`, through `gemm` or (`block`) through `adam_block`.
+    fn refused_adam_via(m_len: usize, packed: bool, block: bool) {
         let (a, b) = (vec![1.0; 6], vec![1.0; 2 * 16]);
         let (mut t, mut m, mut v) = (vec![0.0; 6], vec![0.0; m_len], vec![0.0; 6]);
         let mut copy = vec![0.0; 4 * 16];
@@ -1865,8 +1927,24 @@ mod tests {
             packed: packed.then(|| unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), 2, 4) }),
             theta_in: None,
         };
+        if block {
+            adam_block(3, 2, &[0.0; 6], rows);
+            return;
+        }
         let av = StridedA::rows(&a, 2);
         gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));
+    }
+
+    #[test]
+    #[should_panic(expected = "Adam's")]
+    fn adam_block_refuses_short_rows() {
+        refused_adam_via(5, false, true);
+    }
+
+    #[test]
+    #[should_panic(expected = "packed rows outside")]
+    fn adam_block_refuses_packed_rows_past_their_buffer() {
+        refused_adam_via(6, true, true);
     }
 
     #[test]

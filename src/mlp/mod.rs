@@ -57,9 +57,9 @@ pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
 use crate::kernels::{
-    adam_update, column_sums, gemm, pack_b_rows, pack_transposed_rows, pack_weight_rows,
-    panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, PackedRows, PanelsB, StridedA,
-    NR,
+    adam_block, adam_update, column_sums, gemm, pack_b_rows, pack_transposed_rows,
+    pack_weight_rows, panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, PackedRows,
+    PanelsB, StridedA, NR,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -180,6 +180,8 @@ impl Dense {
 /// Rows of W per weight-update task (a multiple of the 16-column panels the packed weights
 /// use, so no two tasks write one panel).
 const BLOCK: usize = 64;
+/// Layers with at most this many inputs compute ∂W transposed (see `update_block`).
+const NARROW: usize = 8;
 
 /// A multilayer perceptron with its Adam state and the buffers of a step. Introduced in
 /// chapter 3 (the VAE's encoder and decoder); chapters 4 and 5 build the GAN's two networks and
@@ -1268,6 +1270,32 @@ unsafe fn update_block(
         let mut db = [0.0f32; BLOCK];
         let db = &mut db[..n];
         column_sums(da, d.out, r0, db);
+        // A layer with few inputs (the GAN's 2, the VAE decoder's latent): its gradient rows
+        // are shorter than a register, so compute ∂Wᵀ = hᵀ·∂a (16 output features to a
+        // register, the same products summed in the same order, so the same bits), then
+        // transpose it. On W2 this ∂W took 4x the multiply-adds of the transposed one.
+        let narrow = d.inp <= NARROW && r0 + panel_cols(n) <= d.out;
+        let mut grad = [0.0f32; BLOCK * NARROW];
+        let grad = &mut grad[..if narrow { n * d.inp } else { 0 }];
+        if narrow {
+            let mut gt = [0.0f32; BLOCK * NARROW];
+            let gt = &mut gt[..n * d.inp];
+            gemm(
+                d.inp,
+                n,
+                rows,
+                StridedA::columns(h, d.inp, 0),
+                PanelsB::rows(&da[r0..], d.out),
+                gt,
+                n,
+                Epilogue::Store,
+            );
+            for (i, column) in gt.chunks_exact(n).enumerate() {
+                for (o, &x) in column.iter().enumerate() {
+                    grad[o * d.inp + i] = x;
+                }
+            }
+        }
         match (adam, grads) {
             (Some(step), _) => {
                 // SAFETY: rows r0..r1 of W (w0..w1) and b (b0..b0 + n), in θ, m and v, belong
@@ -1295,16 +1323,20 @@ unsafe fn update_block(
                     packed: Some(bwd),
                     theta_in,
                 };
-                gemm(
-                    n,
-                    d.inp,
-                    rows,
-                    a,
-                    packed,
-                    &mut [],
-                    d.inp,
-                    Epilogue::Adam(target),
-                );
+                if narrow {
+                    adam_block(n, d.inp, grad, target);
+                } else {
+                    gemm(
+                        n,
+                        d.inp,
+                        rows,
+                        a,
+                        packed,
+                        &mut [],
+                        d.inp,
+                        Epilogue::Adam(target),
+                    );
+                }
                 let [tb, mb, vb] = bias;
                 adam_update(step, tb, mb, vb, db);
                 // SAFETY: the rows this task just updated (their &mut borrows have ended).
@@ -1327,7 +1359,11 @@ unsafe fn update_block(
             (None, Some(g)) => {
                 // SAFETY: rows r0..r1 of the gradient buffer belong to this task alone.
                 let (gw, gb) = unsafe { (g.part_mut(w0, w1), g.part_mut(b0, b0 + n)) };
-                gemm(n, d.inp, rows, a, packed, gw, d.inp, Epilogue::Store);
+                if narrow {
+                    gw.copy_from_slice(grad);
+                } else {
+                    gemm(n, d.inp, rows, a, packed, gw, d.inp, Epilogue::Store);
+                }
                 gb.copy_from_slice(db);
             }
             (None, None) => {}
