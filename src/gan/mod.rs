@@ -23,7 +23,9 @@
 use crate::data::{check_rows, load_digits, Scale};
 use crate::error::{ensure, Error, Result};
 use crate::loss::bce_with_logits;
-use crate::mlp::{rowwise, update_nets, Activation, FlushDenormals, Mlp, MlpState, Team, Update};
+use crate::mlp::{
+    rowwise, update_nets_with, Activation, FlushDenormals, Mlp, MlpState, Team, Update,
+};
 use crate::plot::Figure;
 use crate::train::AdamSettings;
 use rand::{Rng as _, SeedableRng};
@@ -511,6 +513,13 @@ enum Net {
     D,
 }
 
+/// What a step draws from the random stream: a D step a real batch and z, a G step z.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Draw {
+    DStep,
+    GStep,
+}
+
 /// A GAN with its data, both networks (each with its own Adam state), the random stream and
 /// the history: train it in one cell, train more in the next, sample in any. Introduced in
 /// chapter 4 (`04_gan`).
@@ -543,6 +552,11 @@ pub struct Gan {
     /// Each chunk's sums of a D step (BCE, Σ D(real), Σ D(fake)) and of a G step (BCE).
     d_sums: Vec<[f64; 3]>,
     g_sums: Vec<[f64; 3]>,
+    /// The next step's draws, made ahead by [`Gan::train`] while the helper thread starts on
+    /// an update (into `x` and `z`), with the stream as it is after them. The step that uses
+    /// them moves `rng` there; anything else (an error, a save, the end of `train`) drops
+    /// them, and `rng` never moved: the draws, and so the training, are the same as without.
+    ahead: Option<(Draw, ChaCha12Rng)>,
 }
 
 impl Gan {
@@ -575,6 +589,7 @@ impl Gan {
             g_targets: vec![],
             d_sums: vec![],
             g_sums: vec![],
+            ahead: None,
         })
     }
 
@@ -646,16 +661,51 @@ impl Gan {
     /// One discriminator step: push D(x) → 1 on real data and D(G(z)) → 0 on fakes, G only
     /// read. Returns (L_D, mean D(x), mean D(G(z))).
     pub fn d_step(&mut self, team: &Team, iteration: usize) -> Result<(f64, f64, f64)> {
-        self.guarded(Net::D, |gan| gan.d_step_inner(team, iteration))
+        self.guarded(Net::D, |gan| gan.d_step_inner(team, iteration, None))
     }
 
-    fn d_step_inner(&mut self, team: &Team, iteration: usize) -> Result<(f64, f64, f64)> {
+    /// This step's draws: the ones made ahead for it (the stream then moves past them), or
+    /// fresh ones.
+    fn take_draws(&mut self, what: Draw) {
+        match self.ahead.take() {
+            Some((drawn, after)) if drawn == what => self.rng = after,
+            _ => {
+                let real = &mut self.x[..self.config.batch_size * self.data.dim()];
+                draw_into(what, &self.data, &mut self.rng, real, &mut self.z);
+            }
+        }
+    }
+
+    /// The weight update of `net` (Adam fused in); meanwhile the calling thread draws the next
+    /// step's noise (`next`, if any) ahead, into `ahead`.
+    fn update(&mut self, team: &Team, net: Net, next: Option<Draw>) -> Result<()> {
+        let real = self.config.batch_size * self.data.dim();
+        let (data, rng, ahead) = (&self.data, &self.rng, &mut self.ahead);
+        let (x, z) = (&mut self.x[..real], &mut self.z);
+        let mlp = match net {
+            Net::D => &mut self.d,
+            Net::G => &mut self.g,
+        };
+        update_nets_with(team, [(mlp, Update::Adam)], &mut || {
+            if let Some(what) = next {
+                let mut after = rng.clone();
+                draw_into(what, data, &mut after, x, z);
+                *ahead = Some((what, after));
+            }
+        })
+    }
+
+    fn d_step_inner(
+        &mut self,
+        team: &Team,
+        iteration: usize,
+        next: Option<Draw>,
+    ) -> Result<(f64, f64, f64)> {
         self.size_buffers();
         let (b, dim) = (self.config.batch_size, self.data.dim());
         let rows = b / self.config.pack;
         // x = [real; fake]: a fresh real batch, and fake = G(z) for fresh z (G not updated)
-        self.data.sample_into(&mut self.rng, &mut self.x[..b * dim]);
-        fill_normal(&mut self.rng, &mut self.z);
+        self.take_draws(Draw::DStep);
         let out = self.g.infer(team, &self.z)?;
         apply_output(self.config.output, out, &mut self.x[b * dim..]);
         let (x, targets, width) = (&self.x, &self.d_targets, self.d.input_width());
@@ -686,7 +736,7 @@ impl Gan {
         let (d_real, d_fake) = (real / rows as f64, fake / rows as f64);
         self.check_loss(Net::D, iteration, loss)?;
         // D's weight update, Adam fused in
-        update_nets(team, [(&mut self.d, Update::Adam)])?;
+        self.update(team, Net::D, next)?;
         self.check_update(Net::D, iteration)?;
         Ok((loss, d_real, d_fake))
     }
@@ -694,7 +744,7 @@ impl Gan {
     /// One generator step on fresh z: push D(G(z)) toward "real" through a frozen D. Returns
     /// the generator's loss (non-saturating −mean log D(G(z)), or minimax mean log(1 − D(G(z)))).
     pub fn g_step(&mut self, team: &Team, iteration: usize) -> Result<f64> {
-        self.guarded(Net::G, |gan| gan.g_step_inner(team, iteration))
+        self.guarded(Net::G, |gan| gan.g_step_inner(team, iteration, None))
     }
 
     /// Runs a D or G step that either completes or leaves the GAN as it was before it
@@ -713,6 +763,7 @@ impl Gan {
         let result = step(self);
         if result.is_err() {
             self.rng = rng;
+            self.ahead = None;
             let mlp = match net {
                 Net::D => &mut self.d,
                 Net::G => &mut self.g,
@@ -722,10 +773,10 @@ impl Gan {
         result
     }
 
-    fn g_step_inner(&mut self, team: &Team, iteration: usize) -> Result<f64> {
+    fn g_step_inner(&mut self, team: &Team, iteration: usize, next: Option<Draw>) -> Result<f64> {
         self.size_buffers();
         let rows = self.config.batch_size / self.config.pack;
-        fill_normal(&mut self.rng, &mut self.z);
+        self.take_draws(Draw::GStep);
         // the G loss and ∂/∂logits: BCE(y, 1), or −BCE(y, 0) (its gradient is −σ(y))
         let sign = match self.config.loss {
             GanLoss::NonSaturating => 1.0,
@@ -763,7 +814,7 @@ impl Gan {
         let loss = sign as f64 * sum_chunks(&self.g_sums)[0] / rows as f64;
         self.check_loss(Net::G, iteration, loss)?;
         // G's weight update, Adam fused in
-        update_nets(team, [(&mut self.g, Update::Adam)])?;
+        self.update(team, Net::G, next)?;
         self.check_update(Net::G, iteration)?;
         Ok(loss)
     }
@@ -816,6 +867,15 @@ impl Gan {
     /// autosave it: a checkpoint between iterations every so often, and one when the call ends.
     pub fn train(&mut self, iterations: usize) -> Result<&[IterRecord]> {
         let start = self.history.len();
+        let trained = self.train_loop(iterations);
+        // Draws made ahead for an iteration that did not run (a time budget, an error) are
+        // dropped: the stream stays where the last step left it.
+        self.ahead = None;
+        trained?;
+        Ok(&self.history[start..])
+    }
+
+    fn train_loop(&mut self, iterations: usize) -> Result<()> {
         let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
         let _ftz = FlushDenormals::new();
@@ -833,10 +893,18 @@ impl Gan {
             }
             let iteration = self.history.len() + 1;
             let mut d = (f64::NAN, f64::NAN, f64::NAN);
-            for _ in 0..self.config.d_steps {
-                d = self.d_step(&team, iteration)?;
+            // Each update draws the next step's noise ahead (the last one of this call none).
+            let d_steps = self.config.d_steps;
+            for j in 0..d_steps {
+                let next = if j + 1 < d_steps {
+                    Draw::DStep
+                } else {
+                    Draw::GStep
+                };
+                d = self.guarded(Net::D, |gan| gan.d_step_inner(&team, iteration, Some(next)))?;
             }
-            let g_loss = self.g_step(&team, iteration)?;
+            let next = (i + 1 < iterations).then_some(Draw::DStep);
+            let g_loss = self.guarded(Net::G, |gan| gan.g_step_inner(&team, iteration, next))?;
             let record = IterRecord {
                 iteration,
                 d_loss: d.0,
@@ -874,7 +942,7 @@ impl Gan {
             watch.autosave(false, |path| self.save(path))?;
         }
         watch.autosave(true, |path| self.save(path))?;
-        Ok(&self.history[start..])
+        Ok(())
     }
 
     /// Trains the discriminator alone for `steps` steps with the generator held fixed (the
@@ -1366,6 +1434,15 @@ pub fn ring_snapshots_figure(
         .scatter("数据的 8 个中心", &cx, &cy))
 }
 
+/// A step's draws, in the order training has always made them: a D step's real batch, then
+/// its z; a G step's z.
+fn draw_into(what: Draw, data: &GanData, rng: &mut ChaCha12Rng, real: &mut [f32], z: &mut [f32]) {
+    if what == Draw::DStep {
+        data.sample_into(rng, real);
+    }
+    fill_normal(rng, z);
+}
+
 /// Rows of N(0, 1) draws.
 fn fill_normal(rng: &mut ChaCha12Rng, out: &mut [f32]) {
     for v in out.iter_mut() {
@@ -1423,6 +1500,7 @@ fn team_for(rows: usize) -> Team {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use rand::RngCore as _;
 
     #[test]
     fn ring_metrics_count_modes_and_quality() {
@@ -1525,6 +1603,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// `train` draws each step's noise ahead, during the previous update: the same draws in the
+    /// same order, so training in one call, in many calls, or step by step (no drawing ahead)
+    /// gives the same bits, and the stream ends where the last step left it.
+    #[test]
+    fn drawing_ahead_changes_nothing() {
+        let config = GanConfig {
+            batch_size: 32,
+            g_hidden: 16,
+            d_hidden: 16,
+            d_steps: 2,
+            ..GanConfig::default()
+        };
+        let fresh = || {
+            let mut gan = Gan::new(config, GanData::ring()).unwrap();
+            gan.verbose = false;
+            gan.metrics_every = 0;
+            gan
+        };
+        let mut one_call = fresh();
+        one_call.train(5).unwrap();
+        assert!(one_call.ahead.is_none(), "nothing drawn ahead after train");
+        let mut calls = fresh();
+        for _ in 0..5 {
+            calls.train(1).unwrap();
+        }
+        let mut steps = fresh();
+        let team = Team::new(2);
+        for it in 1..=5 {
+            steps.d_step(&team, it).unwrap();
+            steps.d_step(&team, it).unwrap();
+            steps.g_step(&team, it).unwrap();
+        }
+        for other in [&calls, &steps] {
+            for (a, b) in [(&one_call.g, &other.g), (&one_call.d, &other.d)] {
+                let same = a.parameters().iter().zip(b.parameters());
+                assert!(same.clone().all(|(x, y)| x.to_bits() == y.to_bits()));
+            }
+            let (mut r1, mut r2) = (one_call.rng.clone(), other.rng.clone());
+            assert_eq!(r1.next_u64(), r2.next_u64(), "the stream's position");
+        }
+        let losses = |g: &Gan| {
+            g.history
+                .iter()
+                .map(|r| (r.d_loss, r.g_loss))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(losses(&one_call), losses(&calls));
     }
 
     /// The GAN's stream is rand 0.8's `StdRng` under its own name: the same seed gives the same

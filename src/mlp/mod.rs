@@ -827,6 +827,17 @@ struct Plan {
 /// computing ∂W = ∂aᵀ·h and ∂b over the whole batch and doing what its network's [`Update`]
 /// says. The second half of a training step, after [`rowwise`] (or a backward pass).
 pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N]) -> Result<()> {
+    update_nets_with(team, nets, &mut || {})
+}
+
+/// [`update_nets`], with `first` run on the calling thread while the helper starts on the
+/// blocks ([`Team::run_with`]): a trainer's serial work for its next step that the update
+/// does not read (its next batch, its next noise).
+pub fn update_nets_with<const N: usize>(
+    team: &Team,
+    nets: [(&mut Mlp, Update<'_>); N],
+    first: &mut dyn FnMut(),
+) -> Result<()> {
     let mut nets = nets;
     let mut plans = Vec::with_capacity(N);
     for (net, update) in nets.iter_mut() {
@@ -865,7 +876,7 @@ pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N
             .iter()
             .map(|(net, _)| (&net.layers[..], &net.blocks[..], net.rows))
             .collect();
-        team.run(tasks.len(), &|i| {
+        let block = |i: usize| {
             let (k, b) = tasks[i];
             let (layers, blocks, rows) = views[k];
             let (li, r0, r1) = blocks[b];
@@ -885,7 +896,8 @@ pub fn update_nets<const N: usize>(team: &Team, nets: [(&mut Mlp, Update<'_>); N
                     plan.kept,
                 )
             };
-        })
+        };
+        team.run_with(tasks.len(), &block, first)
     };
     for (k, (net, _)) in nets.iter_mut().enumerate() {
         let non_finite = shared[k].non_finite.load(Ordering::Relaxed);

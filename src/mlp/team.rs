@@ -117,10 +117,24 @@ impl Team {
     /// Runs `f(0)`, …, `f(tasks − 1)` across the team and returns when all have finished; an
     /// error if any of them panicked (the others still ran).
     pub fn run(&self, tasks: usize, f: &(dyn Fn(usize) + Sync)) -> Result<()> {
+        self.run_with(tasks, f, &mut || {})
+    }
+
+    /// [`Team::run`], with `first` run on the calling thread once the helper can start on the
+    /// tasks: serial work that the call's tasks do not need (a trainer drawing the next step's
+    /// noise) then overlaps them, and the caller takes fewer tasks. A panic in `first` is an
+    /// error, like one in a task.
+    pub fn run_with(
+        &self,
+        tasks: usize,
+        f: &(dyn Fn(usize) + Sync),
+        first: &mut dyn FnMut(),
+    ) -> Result<()> {
         let sh = &*self.shared;
         sh.panicked.store(false, Ordering::Relaxed);
         let Some(helper) = self.helper.as_ref().filter(|_| tasks > 1) else {
             // One thread, or one task (not worth waking the helper): no sharing at all.
+            take_task(sh, first);
             for i in 0..tasks {
                 take_task(sh, || f(i));
             }
@@ -129,8 +143,10 @@ impl Team {
         if tasks as u64 > COUNT {
             // More tasks than a state word counts: hand them out in parts.
             let part = COUNT as usize;
-            for first in (0..tasks).step_by(part) {
-                self.run(part.min(tasks - first), &|i| f(first + i))?;
+            for start in (0..tasks).step_by(part) {
+                let mut none = || {};
+                let part_first: &mut dyn FnMut() = if start == 0 { first } else { &mut none };
+                self.run_with(part.min(tasks - start), &|i| f(start + i), part_first)?;
             }
             return Ok(());
         }
@@ -150,6 +166,9 @@ impl Team {
         if sh.sleeping.swap(false, Ordering::SeqCst) {
             helper.thread().unpark();
         }
+        // The helper may start now; a panic here is caught (the tasks must still finish
+        // before `job` goes out of scope).
+        take_task(sh, first);
         // Take tasks from the front while any are left (the helper takes from the back).
         let mut state = sh.state.load(Ordering::Acquire);
         loop {
@@ -385,6 +404,43 @@ mod tests {
                 }
                 assert!(seen.iter().all(|s| s.load(Ordering::Relaxed) == rounds));
             }
+        }
+    }
+
+    /// `run_with`'s serial part runs once, on the calling thread, whatever the task count;
+    /// a panic in it is an error once every task has run, and the team goes on.
+    #[test]
+    fn run_with_runs_first_once_on_the_caller() {
+        for threads in [1, 2] {
+            let team = Team::new(threads);
+            let caller = std::thread::current().id();
+            for tasks in [0, 1, 2, 9] {
+                let done = AtomicUsize::new(0);
+                let mut firsts = 0;
+                team.run_with(
+                    tasks,
+                    &|_| {
+                        done.fetch_add(1, Ordering::Relaxed);
+                    },
+                    &mut || {
+                        assert_eq!(std::thread::current().id(), caller);
+                        firsts += 1;
+                    },
+                )
+                .unwrap();
+                assert_eq!((firsts, done.load(Ordering::Relaxed)), (1, tasks));
+            }
+            let done = AtomicUsize::new(0);
+            let failed = team.run_with(
+                5,
+                &|_| {
+                    done.fetch_add(1, Ordering::Relaxed);
+                },
+                &mut || panic!("the serial part fails on purpose"),
+            );
+            assert!(failed.is_err());
+            assert_eq!(done.load(Ordering::Relaxed), 5);
+            team.run(3, &|_| {}).unwrap();
         }
     }
 
