@@ -23,7 +23,7 @@
 use crate::data::{check_rows, load_digits, Batches, Digits, Images, Scale, PIXELS};
 use crate::error::{ensure, Error, Result};
 use crate::mlp::AdamSettings;
-use crate::mlp::{rowwise, update_nets, Activation, Mlp, MlpState, Team, Update};
+use crate::mlp::{rowwise, update_nets_with, Activation, Mlp, MlpState, Team, Update};
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
@@ -193,6 +193,11 @@ pub struct Vae {
     batches: Batches,
     /// Draws ε for training.
     noise_rng: StdRng,
+    /// The next step's minibatch, gathered into `x` with its ε drawn into `eps` ahead (while
+    /// the helper thread starts on the previous step's update), and the noise stream after
+    /// them: the step that uses them moves `noise_rng` there; anything else drops them, and
+    /// `noise_rng` never moved, so the draws are the same as without.
+    ahead: Option<(Vec<usize>, StdRng)>,
     data: Digits,
     /// Passes over the training set done (with or without a history record).
     epochs_trained: usize,
@@ -239,6 +244,7 @@ impl Vae {
             encoder,
             decoder,
             noise_rng: StdRng::seed_from_u64(config.seed ^ 0x9e37_79b9_7f4a_7c15),
+            ahead: None,
             batches: Batches::new(
                 data.train.len(),
                 config.batch_size,
@@ -297,12 +303,14 @@ impl Vae {
 
     /// One training step on the minibatch in `self.x` with noise `self.eps`: the VAE's whole
     /// algorithm, one line of the math per call. `update` is what both networks do with their
-    /// gradients (Adam when training). Returns (loss, reconstruction, KL), means over the batch.
+    /// gradients (Adam when training); during the update the calling thread loads the `next`
+    /// minibatch ahead, if given. Returns (loss, reconstruction, KL), means over the batch.
     fn step(
         &mut self,
         team: &Team,
         enc_update: Update<'_>,
         dec_update: Update<'_>,
+        next: Option<&[usize]>,
     ) -> Result<StepParts> {
         let (l, b) = (self.config.latent, self.x.len() / PIXELS);
         let scale = 1.0 / b as f32;
@@ -352,13 +360,24 @@ impl Vae {
                 ),
             });
         }
-        // Both networks' weight updates (Adam fused in), in one stretch of tasks.
-        update_nets(
+        // Both networks' weight updates (Adam fused in), in one stretch of tasks; the caller
+        // meanwhile loads the next minibatch and draws its ε from a copy of the stream.
+        let (data, noise, ahead) = (&self.data, &self.noise_rng, &mut self.ahead);
+        let (x, eps) = (&mut self.x, &mut self.eps);
+        update_nets_with(
             team,
             [
                 (&mut self.encoder, enc_update),
                 (&mut self.decoder, dec_update),
             ],
+            &mut || {
+                if let Some(batch) = next {
+                    let mut after = noise.clone();
+                    if gather(data, batch, l, x, eps, &mut after).is_ok() {
+                        *ahead = Some((batch.to_vec(), after));
+                    }
+                }
+            },
         )?;
         Ok((loss, rec / b as f64, kl / b as f64))
     }
@@ -367,14 +386,19 @@ impl Vae {
     /// it (parameters, step counts, the noise stream; Adam's moments where finite): a step
     /// that fails (an error, a panicking thread) or makes a parameter NaN or infinite is
     /// undone, so the next `train` continues exactly as the VAE's checkpoint would.
-    fn guarded_step(&mut self, team: &Team, batch: &[usize]) -> Result<StepParts> {
+    fn guarded_step(
+        &mut self,
+        team: &Team,
+        batch: &[usize],
+        next: Option<&[usize]>,
+    ) -> Result<StepParts> {
         let noise = self.noise_rng.clone();
         let steps = (self.encoder.steps(), self.decoder.steps());
         // Each network's update keeps the parameters it replaces (copied by its own tasks).
         self.encoder.keep_before_update(true);
         self.decoder.keep_before_update(true);
         let result = self.load_batch(batch).and_then(|()| {
-            let parts = self.step(team, Update::Adam, Update::Adam)?;
+            let parts = self.step(team, Update::Adam, Update::Adam, next)?;
             let bad = (self.encoder.first_non_finite())
                 .map(|(i, v)| ("encoder", i, v))
                 .or_else(|| {
@@ -398,24 +422,29 @@ impl Vae {
         });
         if result.is_err() {
             self.noise_rng = noise;
+            self.ahead = None;
             self.encoder.undo_update(steps.0)?;
             self.decoder.undo_update(steps.1)?;
         }
         result
     }
 
-    /// Gathers minibatch `batch` into `self.x` and draws its ε.
+    /// Gathers minibatch `batch` into `self.x` and draws its ε (or takes them, loaded ahead).
     fn load_batch(&mut self, batch: &[usize]) -> Result<()> {
-        let (b, l) = (batch.len(), self.config.latent);
-        self.x.resize(b * PIXELS, 0.0);
-        for (dst, &i) in self.x.chunks_exact_mut(PIXELS).zip(batch) {
-            dst.copy_from_slice(self.data.train.image(i)?);
+        match self.ahead.take() {
+            Some((loaded, after)) if loaded == batch => {
+                self.noise_rng = after;
+                Ok(())
+            }
+            _ => gather(
+                &self.data,
+                batch,
+                self.config.latent,
+                &mut self.x,
+                &mut self.eps,
+                &mut self.noise_rng,
+            ),
         }
-        self.eps.resize(b * l, 0.0);
-        for e in self.eps.iter_mut() {
-            *e = StandardNormal.sample(&mut self.noise_rng);
-        }
-        Ok(())
     }
 
     /// One pass over the training set on `team`; returns the means of its steps' parts.
@@ -423,8 +452,9 @@ impl Vae {
         let batches: Vec<Vec<usize>> = self.batches.epoch().collect();
         self.epochs_started += 1;
         let mut sums = (0.0, 0.0, 0.0);
-        for batch in &batches {
-            let (loss, rec, kl) = self.guarded_step(team, batch)?;
+        for (t, batch) in batches.iter().enumerate() {
+            let next = batches.get(t + 1).map(|b| &b[..]);
+            let (loss, rec, kl) = self.guarded_step(team, batch, next)?;
             self.step_losses.push(loss);
             sums = (sums.0 + loss, sums.1 + rec, sums.2 + kl);
         }
@@ -780,6 +810,27 @@ fn team_for(rows: usize) -> Team {
 }
 
 /// Splits rows of [μ, log σ²] (2L values each) into μ rows and log σ² rows.
+/// Gathers minibatch `batch` of the training images into `x` and draws its ε (latent `l` per
+/// image) into `eps` from `noise`.
+fn gather(
+    data: &Digits,
+    batch: &[usize],
+    l: usize,
+    x: &mut Vec<f32>,
+    eps: &mut Vec<f32>,
+    noise: &mut StdRng,
+) -> Result<()> {
+    x.resize(batch.len() * PIXELS, 0.0);
+    for (dst, &i) in x.chunks_exact_mut(PIXELS).zip(batch) {
+        dst.copy_from_slice(data.train.image(i)?);
+    }
+    eps.resize(batch.len() * l, 0.0);
+    for e in eps.iter_mut() {
+        *e = StandardNormal.sample(noise);
+    }
+    Ok(())
+}
+
 fn split_heads(out: &[f32], l: usize) -> (Vec<f32>, Vec<f32>) {
     let mut mu = Vec::with_capacity(out.len() / 2);
     let mut log_var = Vec::with_capacity(out.len() / 2);
@@ -934,7 +985,12 @@ mod tests {
             let mut gd = vec![0.0; vae.decoder.parameters().len()];
             let team = Team::new(2);
             let (loss, _, _) = vae
-                .step(&team, Update::Gradient(&mut ge), Update::Gradient(&mut gd))
+                .step(
+                    &team,
+                    Update::Gradient(&mut ge),
+                    Update::Gradient(&mut gd),
+                    None,
+                )
                 .unwrap();
             let (want_loss, want_e, want_d) =
                 reference::loss_and_gradient(&enc_ref, &dec_ref, &x, &eps, &config, &dev);
@@ -1011,6 +1067,33 @@ mod tests {
             assert_eq!(vae.parameters().unwrap(), loaded.parameters().unwrap());
             let _ = std::fs::remove_file(&path);
         }
+    }
+
+    /// Each update loads the next minibatch and its ε ahead: the same draws in the same
+    /// order, so an epoch gives the bits of the same steps taken without loading ahead.
+    #[test]
+    fn loading_the_next_batch_ahead_changes_nothing() {
+        use rand::RngCore as _;
+        let config = VaeConfig {
+            hidden: 64,
+            latent: 3,
+            batch_size: 37,
+            ..VaeConfig::default()
+        };
+        let team = Team::new(2);
+        let mut ahead = Vae::new(config).unwrap();
+        ahead.epoch(&team).unwrap();
+        assert!(ahead.ahead.is_none(), "nothing loaded ahead after an epoch");
+        let mut plain = Vae::new(config).unwrap();
+        let batches: Vec<Vec<usize>> = plain.batches.epoch().collect();
+        for batch in &batches {
+            let (loss, ..) = plain.guarded_step(&team, batch, None).unwrap();
+            plain.step_losses.push(loss);
+        }
+        assert_eq!(ahead.step_losses, plain.step_losses);
+        assert_eq!(ahead.parameters().unwrap(), plain.parameters().unwrap());
+        let (mut a, mut b) = (ahead.noise_rng.clone(), plain.noise_rng.clone());
+        assert_eq!(a.next_u64(), b.next_u64(), "the noise stream's position");
     }
 
     /// Two threads and one give bit-identical training.
