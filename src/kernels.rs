@@ -18,7 +18,9 @@
 //! ([`Kernel::best`]):
 //! - AVX-512 (x86-64 with AVX-512F): a tile of [`MR_AVX512`] rows × 32 columns (two adjacent
 //!   panels) in 2·MR zmm registers, A broadcast from memory; an odd last panel runs a
-//!   MR × 16 variant, and a last tile of at most 4 rows a 4-row one. Column tails (n % 16 ≠ 0) and the epilogue use masked loads and stores,
+//!   MR × 16 variant, a last tile of at most 4 rows a 4-row one, and a last 1 or 2 rows a
+//!   2 × 64 one (two rows across four panels); inner products of at most 4 terms run row by
+//!   row (a tile's set-up costs more than their multiply-adds). Column tails (n % 16 ≠ 0) and the epilogue use masked loads and stores,
 //!   so every tile, whole or not, finishes in registers.
 //! - AVX2 + FMA: a tile of 5 × 16 in ten ymm registers; partial tiles finish in scalar code.
 //! - portable: the same loop in plain Rust, which the compiler vectorises for its target.
@@ -150,6 +152,16 @@ fn cpu() -> Cpu {
 /// row chunks as multiples of it.
 pub(crate) fn tile_rows() -> usize {
     Kernel::best().tile_rows()
+}
+
+/// The rows a chunk of A may end at without making [`gemm`] compute rows it drops: AVX-512
+/// has kernels for a last 4 and a last 1 or 2 rows (so 8t + 2 rows cost t + ¼ tiles), the
+/// others compute whole tiles.
+pub(crate) fn chunk_granule() -> usize {
+    match Kernel::best() {
+        Kernel::Avx512 => 2,
+        other => other.tile_rows(),
+    }
 }
 
 /// A read in place: element (i, p) is `data[i * rs + p * cs]`. A row-major matrix has
@@ -1059,25 +1071,56 @@ mod x86 {
             return;
         }
         let panels = n.div_ceil(NR);
+        let rem = m % MR;
+        let m_tiles = if MR == 8 && (rem == 1 || rem == 2) {
+            m - rem
+        } else {
+            m
+        };
         let mut q = 0;
         while q < panels {
-            let pair = q + 1 < panels;
-            for i0 in (0..m).step_by(MR) {
-                // A last tile of at most 4 rows runs a 4-row kernel: half the work of a full
-                // tile that computes rows it then drops. (W1's 100-row batch is 12 tiles and 4
-                // rows: its two threads' shares are 6 tiles and 6 and a half, not 6 and 7.)
-                let half = MR == 8 && m - i0 <= 4;
-                // SAFETY: the caller's contract; q (and q + 1 for a pair) < panels, i0 < m.
+            // Up to four panels at a time: two pairs of full tiles, then the last 1 or 2 rows
+            // across all four (2 × 4 registers: as many multiply-adds in flight as a full
+            // tile, so 2 rows cost a quarter of a tile; across two panels they would cost half)
+            // while the panels are still in cache (after all of them, measured: no faster
+            // than the 4-row kernel). A chunk of 8t + 2 rows costs t + ¼ tiles: W1's 100-row
+            // batch splits 50 + 50 between the threads (`chunk_granule`).
+            let group = (panels - q).min(4);
+            let mut p = q;
+            while p < q + group {
+                let pair = p + 1 < q + group;
+                for i0 in (0..m_tiles).step_by(MR) {
+                    // A last tile of at most 4 rows runs a 4-row kernel: half the work of a full
+                    // tile that computes rows it then drops.
+                    let half = MR == 8 && m - i0 <= 4;
+                    // SAFETY: the caller's contract; p (and p + 1 for a pair) < panels, i0 < m.
+                    unsafe {
+                        match (pair, half) {
+                            (true, false) => tile_avx512::<MR, 2>(m, n, k, a, b, out, epi, p, i0),
+                            (false, false) => tile_avx512::<MR, 1>(m, n, k, a, b, out, epi, p, i0),
+                            (true, true) => tile_avx512::<4, 2>(m, n, k, a, b, out, epi, p, i0),
+                            (false, true) => tile_avx512::<4, 1>(m, n, k, a, b, out, epi, p, i0),
+                        }
+                    }
+                }
+                p += if pair { 2 } else { 1 };
+            }
+            if m_tiles < m {
+                let i0 = m_tiles;
+                // SAFETY: the caller's contract; i0 < m, q + group ≤ panels.
                 unsafe {
-                    match (pair, half) {
-                        (true, false) => tile_avx512::<MR, 2>(m, n, k, a, b, out, epi, q, i0),
-                        (false, false) => tile_avx512::<MR, 1>(m, n, k, a, b, out, epi, q, i0),
-                        (true, true) => tile_avx512::<4, 2>(m, n, k, a, b, out, epi, q, i0),
-                        (false, true) => tile_avx512::<4, 1>(m, n, k, a, b, out, epi, q, i0),
+                    match group {
+                        4 => tile_avx512::<2, 4>(m, n, k, a, b, out, epi, q, i0),
+                        3 => {
+                            tile_avx512::<2, 2>(m, n, k, a, b, out, epi, q, i0);
+                            tile_avx512::<2, 1>(m, n, k, a, b, out, epi, q + 2, i0);
+                        }
+                        2 => tile_avx512::<2, 2>(m, n, k, a, b, out, epi, q, i0),
+                        _ => tile_avx512::<2, 1>(m, n, k, a, b, out, epi, q, i0),
                     }
                 }
             }
-            q += if pair { 2 } else { 1 };
+            q += group;
         }
     }
 
@@ -1497,11 +1540,13 @@ mod tests {
         }
     }
 
-    /// (m, n, k): whole and partial tiles of every kernel (for AVX-512 last tiles of 1, 2 and 4
-    /// rows, which run its 4-row kernel, and of 5 and 6), an odd and an even number of panels,
-    /// n % 16 ≠ 0, k = 0.
+    /// (m, n, k): whole and partial tiles of every kernel (for AVX-512 last rows 1 and 2, which
+    /// run its 2-row kernel on groups of 4, 3, 2 and 1 panels, 4, which runs its 4-row kernel,
+    /// and 5 and 6), an odd and an even number of panels, n % 16 ≠ 0, k = 0.
     fn shapes() -> Vec<(usize, usize, usize)> {
         let mut s = vec![
+            (2, 64, 5),
+            (10, 40, 6),
             (1, 1, 1),
             (7, 8, 3),
             (13, 40, 17),

@@ -57,7 +57,7 @@ pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
 use crate::kernels::{
-    adam_block, adam_update, column_sums, gemm, pack_b_rows, pack_transposed_rows,
+    adam_block, adam_update, chunk_granule, column_sums, gemm, pack_b_rows, pack_transposed_rows,
     pack_weight_rows, panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, PackedRows,
     PanelsB, StridedA, NR,
 };
@@ -569,7 +569,7 @@ impl Mlp {
     fn size_for(&mut self, rows: usize, training: bool) {
         if self.rows != rows || self.chunks.is_empty() {
             self.rows = rows;
-            self.chunks = row_chunks(rows, tile_rows());
+            self.chunks = row_chunks(rows, tile_rows(), chunk_granule());
         }
         let widths: Vec<usize> = std::iter::once(self.layers[0].inp)
             .chain(self.layers.iter().map(|d| d.out))
@@ -650,7 +650,7 @@ impl Mlp {
     /// The forward pass only, into new buffers (the network is only read).
     pub fn predict(&self, team: &Team, x: &[f32]) -> Result<Vec<f32>> {
         let rows = self.check_input("Mlp::predict", x, self.input_width())?;
-        let chunks = row_chunks(rows, tile_rows());
+        let chunks = row_chunks(rows, tile_rows(), chunk_granule());
         let mut h: Vec<Vec<f32>> = std::iter::once(self.layers[0].inp)
             .chain(self.layers.iter().map(|d| d.out))
             .map(|w| vec![0.0; rows * w])
@@ -949,7 +949,7 @@ pub fn rowwise<T: Send + Default, const N: usize>(
         net.size_for(r, true);
         net.ready = false;
     }
-    let chunks = row_chunks(units, tile_rows());
+    let chunks = row_chunks(units, tile_rows(), chunk_granule());
     results.clear();
     results.resize_with(chunks.len(), T::default);
     let out = SendPtr(results.as_mut_ptr());
@@ -1383,24 +1383,27 @@ unsafe fn update_block(
     }
 }
 
-/// Chunks of about half the batch (more for large batches, at most ~128 rows each), cut at
-/// whole kernel tiles of `mr` rows, each boundary at the tile nearest to its share of the
-/// rows: 100 rows in tiles of 8 give 48 and 52, one for each end of the team (the caller takes
-/// chunks from the front, the helper from the back). Measured on W1 against four chunks
-/// balanced in whole tiles (32, 24, 24, 20 rows): ~2.5 % faster (each chunk re-reads every
-/// layer's packed weights, and fewer, larger chunks read them fewer times); 6 or 8 chunks
-/// were slower still.
-fn row_chunks(rows: usize, mr: usize) -> Vec<(usize, usize)> {
+/// Chunks of about half the batch (more for large batches, at most ~128 rows each; no more
+/// than the batch's tiles of `mr` rows), each boundary at the multiple of `granule` rows
+/// nearest to its share (the kernel's [`chunk_granule`]: a chunk that ends there costs no
+/// dropped rows), one chunk for each end of the team (the caller takes chunks from the front,
+/// the helper from the back). W1's 100 rows give 50 and 50 on AVX-512 (6¼ tiles each; cut at
+/// whole tiles, 48 and 52, the caller waited ~8 % of every row-wise stretch: W1 −1.5 %).
+/// Measured on W1 against four chunks balanced in whole tiles (32, 24, 24, 20 rows): ~2.5 %
+/// faster (each chunk re-reads every layer's packed weights, and fewer, larger chunks read
+/// them fewer times); 6 or 8 chunks were slower still.
+fn row_chunks(rows: usize, mr: usize, granule: usize) -> Vec<(usize, usize)> {
     let tiles = rows.div_ceil(mr);
     let count = rows.div_ceil(128).max(CHUNKS_MIN).min(tiles).max(1);
+    let g = granule.max(1);
     let mut out = Vec::with_capacity(count);
     let mut start = 0;
     for c in 1..=count {
-        // The boundary nearest to rows·c/count, in whole tiles (the last one: all rows).
+        // The boundary nearest to rows·c/count, in whole granules (the last one: all rows).
         let end = if c == count {
             rows
         } else {
-            ((2 * rows * c + count * mr) / (2 * count * mr) * mr).min(rows)
+            ((2 * rows * c + count * g) / (2 * count * g) * g).min(rows)
         };
         if end > start {
             out.push((start, end));
@@ -1577,18 +1580,21 @@ mod tests {
 
     #[test]
     fn chunks_cover_the_batch_at_tile_boundaries() {
-        for mr in [5, 8, 12] {
+        for (mr, granule) in [(5, 5), (8, 8), (8, 2), (12, 12)] {
             for rows in [1, 4, 7, 37, 100, 128, 1000] {
-                let c = row_chunks(rows, mr);
+                let c = row_chunks(rows, mr, granule);
                 assert_eq!(c[0].0, 0);
                 assert_eq!(c[c.len() - 1].1, rows);
                 for w in c.windows(2) {
                     assert_eq!(w[0].1, w[1].0);
-                    assert!(w[0].1 % mr == 0);
+                    assert!(w[0].1 % granule == 0);
                 }
                 assert!(c.iter().all(|&(a, b)| b > a), "{rows} {mr} {c:?}");
             }
         }
+        // W1's batch: two chunks of 6¼ AVX-512 tiles each, not 6 and 6½.
+        assert_eq!(row_chunks(100, 8, 2), vec![(0, 50), (50, 100)]);
+        assert_eq!(row_chunks(100, 8, 8), vec![(0, 48), (48, 100)]);
     }
 
     /// Two chained networks through `rowwise` + `update_nets` (one row-wise stretch, one
