@@ -46,28 +46,31 @@
 //! (`#[path = ".../src/kernels.rs"] mod kernels;` plus a `portable` feature).
 //!
 //! # Measured (GFLOP/s; `genlab-bench gemm`, 2-core AMD EPYC with AVX-512)
-//! One thread, median of 5, what the engine pays per call (B pre-packed; bias + ReLU, the
-//! ReLU mask or Adam fused; for ∂W the A packing included). The `gemm` crate 0.19 (stable:
-//! its AVX2 path) gets the same work with the epilogue as a separate vectorised pass.
+//! One thread, median of 5, what the engine pays per call (weights pre-packed; bias + ReLU,
+//! the ReLU mask or Adam fused; for ∂W, ∂a and the input read in place, as the engine does).
+//! The `gemm` crate 0.19 (stable: its AVX2 path) gets the same work with the epilogue as a
+//! separate vectorised pass.
 //!
 //! | m × k × n | role | AVX-512 (ours) | AVX2 (ours) | `gemm` 0.19 |
 //! | --- | --- | --- | --- | --- |
-//! | 100 × 64 × 256 | forward | 214 | 121 | 118 |
-//! | 100 × 256 × 256 | forward | 241 | 123 | 123 |
-//! | 100 × 256 × 64 | forward | 242 | 121 | 123 |
-//! | 128 × 512 × 512 | forward | 253 | 118 | 120 |
-//! | 1000 × 512 × 512 | forward | 246 | 118 | 125 |
-//! | 100 × 256 × 256 | ∂in, ReLU mask | 238 | 121 | 122 |
-//! | 64 × 100 × 256 | ∂W + Adam | 200 | 98 | 103 |
-//! | 64 × 256 × 512 | ∂W + Adam | 224 | 106 | 104 |
-//! | 2048³ | plain | 231 | 114 | 119 |
+//! | 100 × 64 × 256 | forward | 217 | 123 | 118 |
+//! | 100 × 256 × 256 | forward | 251 | 124 | 123 |
+//! | 100 × 256 × 64 | forward | 251 | 125 | 125 |
+//! | 128 × 512 × 512 | forward | 253 | 122 | 123 |
+//! | 1000 × 512 × 512 | forward | 248 | 119 | 131 |
+//! | 100 × 256 × 256 | ∂in, ReLU mask | 246 | 122 | 122 |
+//! | 50 × 256 × 256 | ∂in, ReLU mask | 240 | 122 | 112 |
+//! | 64 × 100 × 256 | ∂W + Adam | 217 | 100 | 107 |
+//! | 64 × 256 × 512 | ∂W + Adam | 227 | 103 | 111 |
+//! | 2048³ | plain | 253 | 121 | 131 |
 //!
-//! Conclusion: on stable Rust the `gemm` crate is as fast as our AVX2 kernel (within ~5 %,
-//! epilogue pass included) but not faster on any of these shapes, and our AVX-512 kernel is
-//! ~2× both on every one, so we keep our own. MR = 8 was chosen by measurement: MR = 6 was
+//! Conclusion: on stable Rust the `gemm` crate is as fast as our AVX2 kernel on the forward
+//! and ∂in shapes (epilogue pass included) and up to ~8 % faster on ∂W (it packs ∂a and h;
+//! ours reads them in place, which pays on AVX-512), and our AVX-512 kernel is ~2× both on
+//! every shape, so we keep our own. MR = 8 was chosen by measurement: MR = 6 was
 //! 3 to 10 % slower on the 100-row shapes, MR = 10 and 12 (20 and 24 accumulators plus one
 //! A pointer per row) fell to ~75 GFLOP/s. Two threads (rows split, threads spawned per call)
-//! only pay from about 128 × 512 × 512 (306 vs 253); below that the spawn costs more than it
+//! only pay from about 128 × 512 × 512 (316 vs 253); below that the spawn costs more than it
 //! saves, so small products should run on threads that already exist, or on one.
 #![deny(unsafe_op_in_unsafe_fn)]
 

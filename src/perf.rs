@@ -23,7 +23,7 @@ enum Role {
     Forward,
     /// An input gradient through a ReLU: C = (dOut·W) masked by H > 0.
     InputGrad,
-    /// A weight gradient with Adam: dW = dOutᵀ·In, A packed per call.
+    /// A weight gradient with Adam: dW = dOutᵀ·In, dOut's columns and In read in place.
     WeightGrad,
     /// A plain product (the large "peak" case).
     Plain,
