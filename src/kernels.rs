@@ -1427,20 +1427,34 @@ mod x86 {
     }
 }
 
-/// Runs `f` compiled for AVX2 + FMA where the CPU has them (so its loops vectorise 8 wide),
-/// and as plain code elsewhere.
+/// Runs `f` compiled for AVX-512 where the CPU has it (so its loops vectorise 16 wide), else
+/// for AVX2 + FMA (8 wide), else as plain code. Element by element the same operations (no
+/// reduction is reordered and no multiply-add contracted), so the same bits at every width;
+/// 16 wide took W1 ~1 % less time than 8 (one thread).
 #[inline(always)]
 pub(crate) fn vectorised<R>(f: impl FnOnce() -> R) -> R {
     #[cfg(all(target_arch = "x86_64", not(feature = "portable")))]
-    if Kernel::Avx2.available() {
-        /// # Safety
-        /// The CPU has AVX2 and FMA.
-        #[target_feature(enable = "avx2,fma")]
-        unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
-            f()
+    {
+        if Kernel::Avx512.available() {
+            /// # Safety
+            /// The CPU has AVX-512F, AVX2 and FMA.
+            #[target_feature(enable = "avx512f,avx2,fma")]
+            unsafe fn widest<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: the CPU has AVX-512F, AVX2 and FMA (detected at run time).
+            return unsafe { widest(f) };
         }
-        // SAFETY: the CPU has AVX2 and FMA (detected at run time).
-        return unsafe { wide(f) };
+        if Kernel::Avx2.available() {
+            /// # Safety
+            /// The CPU has AVX2 and FMA.
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn wide<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+            // SAFETY: the CPU has AVX2 and FMA (detected at run time).
+            return unsafe { wide(f) };
+        }
     }
     f()
 }
