@@ -1270,116 +1270,114 @@ unsafe fn update_block(
     // SAFETY: as the function's contract says, these ranges are this task's alone or
     // read-only during this stretch.
     let (da, h, packed) = unsafe { (sh.da[li].all(), sh.h[li].all(), sh.packed_in[li].all()) };
-    {
-        // ∂W = ∂aᵀ·h: A is columns r0..r1 of ∂a and B the layer's input h, both read where
-        // they are (h packed by the forward pass where its width is not whole panels).
-        let a = StridedA::columns(da, d.out, r0);
-        let packed = if d.packs_input() {
-            PanelsB::from(packed)
-        } else {
-            PanelsB::rows(h, d.inp)
-        };
-        let mut db = [0.0f32; BLOCK];
-        let db = &mut db[..n];
-        column_sums(da, d.out, r0, db);
-        // A layer with few inputs (the GAN's 2, the VAE decoder's latent): its gradient rows
-        // are shorter than a register, so compute ∂Wᵀ = hᵀ·∂a (16 output features to a
-        // register, the same products summed in the same order, so the same bits), then
-        // transpose it. On W2 this ∂W took 4x the multiply-adds of the transposed one.
-        let narrow = d.inp <= NARROW && r0 + panel_cols(n) <= d.out;
-        let mut grad = [0.0f32; BLOCK * NARROW];
-        let grad = &mut grad[..if narrow { n * d.inp } else { 0 }];
-        if narrow {
-            let mut gt = [0.0f32; BLOCK * NARROW];
-            let gt = &mut gt[..n * d.inp];
-            gemm(
-                d.inp,
-                n,
-                rows,
-                StridedA::columns(h, d.inp, 0),
-                PanelsB::rows(&da[r0..], d.out),
-                gt,
-                n,
-                Epilogue::Store,
-            );
-            for (i, column) in gt.chunks_exact(n).enumerate() {
-                for (o, &x) in column.iter().enumerate() {
-                    grad[o * d.inp + i] = x;
-                }
+    // ∂W = ∂aᵀ·h: A is columns r0..r1 of ∂a and B the layer's input h, both read where
+    // they are (h packed by the forward pass where its width is not whole panels).
+    let a = StridedA::columns(da, d.out, r0);
+    let packed = if d.packs_input() {
+        PanelsB::from(packed)
+    } else {
+        PanelsB::rows(h, d.inp)
+    };
+    let mut db = [0.0f32; BLOCK];
+    let db = &mut db[..n];
+    column_sums(da, d.out, r0, db);
+    // A layer with few inputs (the GAN's 2, the VAE decoder's latent): its gradient rows
+    // are shorter than a register, so compute ∂Wᵀ = hᵀ·∂a (16 output features to a
+    // register, the same products summed in the same order, so the same bits), then
+    // transpose it. On W2 this ∂W took 4x the multiply-adds of the transposed one.
+    let narrow = d.inp <= NARROW && r0 + panel_cols(n) <= d.out;
+    let mut grad = [0.0f32; BLOCK * NARROW];
+    let grad = &mut grad[..if narrow { n * d.inp } else { 0 }];
+    if narrow {
+        let mut gt = [0.0f32; BLOCK * NARROW];
+        let gt = &mut gt[..n * d.inp];
+        gemm(
+            d.inp,
+            n,
+            rows,
+            StridedA::columns(h, d.inp, 0),
+            PanelsB::rows(&da[r0..], d.out),
+            gt,
+            n,
+            Epilogue::Store,
+        );
+        for (i, column) in gt.chunks_exact(n).enumerate() {
+            for (o, &x) in column.iter().enumerate() {
+                grad[o * d.inp + i] = x;
             }
         }
-        match (adam, grads) {
-            (Some(step), _) => {
-                // SAFETY: rows r0..r1 of W (w0..w1) and b (b0..b0 + n), in θ, m and v, belong
-                // to this task alone during this stretch.
-                let (rows_of, bias) = unsafe {
-                    (
-                        [sh.theta, sh.m, sh.v].map(|buf| buf.part_mut(w0, w1)),
-                        [sh.theta, sh.m, sh.v].map(|buf| buf.part_mut(b0, b0 + n)),
-                    )
-                };
-                let [theta, m, v] = rows_of;
-                // SAFETY: rows r0..r1 of W in the undo copy belong to this task alone, and
-                // are only read here.
-                let theta_in = kept.map(|kept| unsafe { kept.part(w0, w1) });
-                // SAFETY: bwd[li] holds out · panel_cols(inp) floats (`empty`), and its entries
-                // of rows r0..r1 are this task's alone during this stretch.
-                let bwd = unsafe { PackedRows::new(sh.bwd[li].ptr, sh.bwd[li].len, r0, d.out) };
-                let target = AdamRows {
-                    theta,
-                    m,
-                    v,
-                    ld: d.inp,
-                    step,
-                    // The ∂h pass's copy of these rows, written as Adam computes them.
-                    packed: Some(bwd),
-                    theta_in,
-                };
-                if narrow {
-                    adam_block(n, d.inp, grad, target);
-                } else {
-                    gemm(
-                        n,
-                        d.inp,
-                        rows,
-                        a,
-                        packed,
-                        &mut [],
-                        d.inp,
-                        Epilogue::Adam(target),
-                    );
-                }
-                let [tb, mb, vb] = bias;
-                adam_update(step, tb, mb, vb, db);
-                // SAFETY: the rows this task just updated (their &mut borrows have ended).
-                let updated = unsafe { sh.theta.part(w0, w1) };
-                if !all_finite(updated) || !all_finite(tb) {
-                    sh.non_finite.store(true, Ordering::Relaxed);
-                }
-                #[cfg(test)]
-                if sh.fault == Some((li, r0)) {
-                    panic!("injected failure between the update of layer {li}'s rows {r0}.. and their repacking");
-                }
-                // SAFETY: as above (the rows were just updated by this task); the forward
-                // copy's entries of these rows are this task's alone (pack_transposed_rows'
-                // contract), and fwd has the layer's packed size.
-                unsafe {
-                    let w = sh.theta.part(w0, w1);
-                    pack_transposed_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr);
-                }
+    }
+    match (adam, grads) {
+        (Some(step), _) => {
+            // SAFETY: rows r0..r1 of W (w0..w1) and b (b0..b0 + n), in θ, m and v, belong
+            // to this task alone during this stretch.
+            let (rows_of, bias) = unsafe {
+                (
+                    [sh.theta, sh.m, sh.v].map(|buf| buf.part_mut(w0, w1)),
+                    [sh.theta, sh.m, sh.v].map(|buf| buf.part_mut(b0, b0 + n)),
+                )
+            };
+            let [theta, m, v] = rows_of;
+            // SAFETY: rows r0..r1 of W in the undo copy belong to this task alone, and
+            // are only read here.
+            let theta_in = kept.map(|kept| unsafe { kept.part(w0, w1) });
+            // SAFETY: bwd[li] holds out · panel_cols(inp) floats (`empty`), and its entries
+            // of rows r0..r1 are this task's alone during this stretch.
+            let bwd = unsafe { PackedRows::new(sh.bwd[li].ptr, sh.bwd[li].len, r0, d.out) };
+            let target = AdamRows {
+                theta,
+                m,
+                v,
+                ld: d.inp,
+                step,
+                // The ∂h pass's copy of these rows, written as Adam computes them.
+                packed: Some(bwd),
+                theta_in,
+            };
+            if narrow {
+                adam_block(n, d.inp, grad, target);
+            } else {
+                gemm(
+                    n,
+                    d.inp,
+                    rows,
+                    a,
+                    packed,
+                    &mut [],
+                    d.inp,
+                    Epilogue::Adam(target),
+                );
             }
-            (None, Some(g)) => {
-                // SAFETY: rows r0..r1 of the gradient buffer belong to this task alone.
-                let (gw, gb) = unsafe { (g.part_mut(w0, w1), g.part_mut(b0, b0 + n)) };
-                if narrow {
-                    gw.copy_from_slice(grad);
-                } else {
-                    gemm(n, d.inp, rows, a, packed, gw, d.inp, Epilogue::Store);
-                }
-                gb.copy_from_slice(db);
+            let [tb, mb, vb] = bias;
+            adam_update(step, tb, mb, vb, db);
+            // SAFETY: the rows this task just updated (their &mut borrows have ended).
+            let updated = unsafe { sh.theta.part(w0, w1) };
+            if !all_finite(updated) || !all_finite(tb) {
+                sh.non_finite.store(true, Ordering::Relaxed);
             }
-            (None, None) => {}
+            #[cfg(test)]
+            if sh.fault == Some((li, r0)) {
+                panic!("injected failure between the update of layer {li}'s rows {r0}.. and their repacking");
+            }
+            // SAFETY: as above (the rows were just updated by this task); the forward
+            // copy's entries of these rows are this task's alone (pack_transposed_rows'
+            // contract), and fwd has the layer's packed size.
+            unsafe {
+                let w = sh.theta.part(w0, w1);
+                pack_transposed_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr);
+            }
         }
+        (None, Some(g)) => {
+            // SAFETY: rows r0..r1 of the gradient buffer belong to this task alone.
+            let (gw, gb) = unsafe { (g.part_mut(w0, w1), g.part_mut(b0, b0 + n)) };
+            if narrow {
+                gw.copy_from_slice(grad);
+            } else {
+                gemm(n, d.inp, rows, a, packed, gw, d.inp, Epilogue::Store);
+            }
+            gb.copy_from_slice(db);
+        }
+        (None, None) => {}
     }
 }
 
