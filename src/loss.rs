@@ -44,8 +44,12 @@ pub fn bce_with_logits(y: &[f32], x: &[f32], dy: &mut [f32], scale: f32, row: us
 /// polynomial to degree 7 (relative error < 2e-7), times 2ⁿ built from the exponent bits.
 #[inline(always)]
 pub(crate) fn exp_nonpositive(x: f32) -> f32 {
+    // 1.5·2²³: adding it rounds x·log₂e to the nearest integer n and leaves n in the low bits
+    // of the sum (no float-to-int conversion: that one the compiler would not vectorise).
+    const MAGIC: f32 = 12_582_912.0;
     let x = x.max(-87.0);
-    let n = (x * std::f32::consts::LOG2_E).round();
+    let t = x * std::f32::consts::LOG2_E + MAGIC;
+    let n = t - MAGIC;
     // ln 2 split in two so that n·ln 2 is exact to f32 precision.
     let r = (x - n * 0.693_145_75) - n * 1.428_606_8e-6;
     let p = horner(
@@ -61,7 +65,9 @@ pub(crate) fn exp_nonpositive(x: f32) -> f32 {
             1.0,
         ],
     );
-    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    // 2ⁿ from its exponent bits (n ≥ −126: a normal number).
+    let n_bits = t.to_bits().wrapping_sub(MAGIC.to_bits());
+    p * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// log(1 + e) for e in [0, 1]: 2 atanh(s) with s = e / (2 + e) ≤ ⅓, whose odd series
