@@ -1074,30 +1074,41 @@ mod x86 {
             return;
         }
         let panels = n.div_ceil(NR);
+        // Rows 0..end in tiles of MR rows, the last one of at most 4 rows in a 4-row tile
+        // (half the work of a full tile that computes rows it then drops): (rows in full
+        // tiles, where that last 4-row tile starts).
+        let split = |end: usize| -> (usize, Option<usize>) {
+            if end == 0 {
+                return (0, None);
+            }
+            let last = (end - 1) / MR * MR;
+            if MR == 8 && m - last <= 4 {
+                (last, Some(last))
+            } else {
+                (end, None)
+            }
+        };
+        let pairs_end = panels / 2 * 2;
         if matches!(epi, Epi::Adam(_)) {
             // ∂W with Adam: tiles row by row (each 8 rows across every panel), not panel pair
             // by panel pair as below. Adam's θ, m, v (and θ's source and packed copy) then
             // stream along their rows instead of jumping a row (1 KB for 256 inputs) per tile,
             // and the tile's 8 columns of ∂a stay in L1 across the row while h streams from
             // L2. Measured on W1: one thread −2.5 %; two threads −5 %, −7 % when the cores
-            // share no cache (then h and ∂a come from the other core). The tile match is
-            // written out here and below: shared through a helper function, the build put
-            // the accumulators of its inlined tiles on the stack (W1 2x slower).
-            for i0 in (0..m).step_by(MR) {
-                let half = MR == 8 && m - i0 <= 4;
-                let mut p = 0;
-                while p < panels {
-                    let pair = p + 1 < panels;
-                    // SAFETY: the caller's contract; p (and p + 1 for a pair) < panels, i0 < m.
-                    unsafe {
-                        match (pair, half) {
-                            (true, false) => tile_avx512::<MR, 2>(m, n, k, a, b, out, epi, p, i0),
-                            (false, false) => tile_avx512::<MR, 1>(m, n, k, a, b, out, epi, p, i0),
-                            (true, true) => tile_avx512::<4, 2>(m, n, k, a, b, out, epi, p, i0),
-                            (false, true) => tile_avx512::<4, 1>(m, n, k, a, b, out, epi, p, i0),
-                        }
+            // share no cache (then h and ∂a come from the other core).
+            let (full, half) = split(m);
+            // SAFETY (all calls): the caller's contract; the rows are < m and the panels
+            // < panels (pairs below pairs_end ≤ panels, the odd one at pairs_end < panels).
+            unsafe {
+                tiles::<MR, 2, true>(m, n, k, a, b, out, epi, (0, full), (0, pairs_end));
+                if let Some(h) = half {
+                    tiles::<4, 2, true>(m, n, k, a, b, out, epi, (h, m), (0, pairs_end));
+                }
+                if pairs_end < panels {
+                    tiles::<MR, 1, true>(m, n, k, a, b, out, epi, (0, full), (pairs_end, panels));
+                    if let Some(h) = half {
+                        tiles::<4, 1, true>(m, n, k, a, b, out, epi, (h, m), (pairs_end, panels));
                     }
-                    p += if pair { 2 } else { 1 };
                 }
             }
             return;
@@ -1108,6 +1119,7 @@ mod x86 {
         } else {
             m
         };
+        let (full, half) = split(m_tiles);
         let mut q = 0;
         while q < panels {
             // Up to four panels at a time: two pairs of full tiles, then the last 1 or 2 rows
@@ -1120,38 +1132,79 @@ mod x86 {
             let mut p = q;
             while p < q + group {
                 let pair = p + 1 < q + group;
-                for i0 in (0..m_tiles).step_by(MR) {
-                    // A last tile of at most 4 rows runs a 4-row kernel: half the work of a full
-                    // tile that computes rows it then drops.
-                    let half = MR == 8 && m - i0 <= 4;
-                    // SAFETY: the caller's contract; p (and p + 1 for a pair) < panels, i0 < m.
-                    unsafe {
-                        match (pair, half) {
-                            (true, false) => tile_avx512::<MR, 2>(m, n, k, a, b, out, epi, p, i0),
-                            (false, false) => tile_avx512::<MR, 1>(m, n, k, a, b, out, epi, p, i0),
-                            (true, true) => tile_avx512::<4, 2>(m, n, k, a, b, out, epi, p, i0),
-                            (false, true) => tile_avx512::<4, 1>(m, n, k, a, b, out, epi, p, i0),
+                // SAFETY (all calls): the caller's contract; p (and p + 1 for a pair) <
+                // panels; the rows are < m.
+                unsafe {
+                    if pair {
+                        tiles::<MR, 2, false>(m, n, k, a, b, out, epi, (0, full), (p, p + 2));
+                        if let Some(h) = half {
+                            tiles::<4, 2, false>(m, n, k, a, b, out, epi, (h, m_tiles), (p, p + 2));
+                        }
+                    } else {
+                        tiles::<MR, 1, false>(m, n, k, a, b, out, epi, (0, full), (p, p + 1));
+                        if let Some(h) = half {
+                            tiles::<4, 1, false>(m, n, k, a, b, out, epi, (h, m_tiles), (p, p + 1));
                         }
                     }
                 }
                 p += if pair { 2 } else { 1 };
             }
             if m_tiles < m {
-                let i0 = m_tiles;
-                // SAFETY: the caller's contract; i0 < m, q + group ≤ panels.
+                let rows = (m_tiles, m);
+                // SAFETY: the caller's contract; rows m_tiles.. < m, q + group ≤ panels.
                 unsafe {
                     match group {
-                        4 => tile_avx512::<2, 4>(m, n, k, a, b, out, epi, q, i0),
+                        4 => tiles::<2, 4, false>(m, n, k, a, b, out, epi, rows, (q, q + 4)),
                         3 => {
-                            tile_avx512::<2, 2>(m, n, k, a, b, out, epi, q, i0);
-                            tile_avx512::<2, 1>(m, n, k, a, b, out, epi, q + 2, i0);
+                            tiles::<2, 2, false>(m, n, k, a, b, out, epi, rows, (q, q + 2));
+                            tiles::<2, 1, false>(m, n, k, a, b, out, epi, rows, (q + 2, q + 3));
                         }
-                        2 => tile_avx512::<2, 2>(m, n, k, a, b, out, epi, q, i0),
-                        _ => tile_avx512::<2, 1>(m, n, k, a, b, out, epi, q, i0),
+                        2 => tiles::<2, 2, false>(m, n, k, a, b, out, epi, rows, (q, q + 2)),
+                        _ => tiles::<2, 1, false>(m, n, k, a, b, out, epi, rows, (q, q + 1)),
                     }
                 }
             }
             q += group;
+        }
+    }
+
+    /// The tiles of one shape, MR × 16·NP, at rows r0, r0 + MR, … < r1 of panels p0, p0 + NP,
+    /// … < p1: row by row (ROWS_FIRST) or panel by panel. A function of its own, never
+    /// inlined, so that each tile shape gets its registers allocated alone: inlined side by
+    /// side into one function, an edit anywhere in that function has made the build put a
+    /// tile's accumulators on the stack (W1 2x slower; seen three times).
+    ///
+    /// # Safety
+    /// As [`gemm_avx512`], with r1 ≤ m and p1 ≤ the number of panels (p1 − p0 a multiple
+    /// of NP).
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline(never)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tiles<const MR: usize, const NP: usize, const ROWS_FIRST: bool>(
+        m: usize,
+        n: usize,
+        k: usize,
+        a: StridedA<'_>,
+        b: Panels<'_>,
+        out: Out,
+        epi: Epi,
+        (r0, r1): (usize, usize),
+        (p0, p1): (usize, usize),
+    ) {
+        if ROWS_FIRST {
+            for i0 in (r0..r1).step_by(MR) {
+                for p in (p0..p1).step_by(NP) {
+                    // SAFETY: the caller's contract (i0 < m, p + NP ≤ panels).
+                    unsafe { tile_avx512::<MR, NP>(m, n, k, a, b, out, epi, p, i0) };
+                }
+            }
+        } else {
+            for p in (p0..p1).step_by(NP) {
+                for i0 in (r0..r1).step_by(MR) {
+                    // SAFETY: as above.
+                    unsafe { tile_avx512::<MR, NP>(m, n, k, a, b, out, epi, p, i0) };
+                }
+            }
         }
     }
 
@@ -1293,6 +1346,23 @@ mod x86 {
             }
             pa += a.cs;
         }
+        // The accumulators go to a buffer in L1 and the epilogue reads them from there: its
+        // loops run over the tile's rows < m, a run-time count, and indexing `acc` by it made
+        // the compiler keep all of `acc` in memory through the k-loop whenever it chose not to
+        // unroll those loops (builds of the same code differed by 2x). Only constant loops
+        // touch `acc`.
+        let mut done = TileBuf([0.0; TILE_MAX]);
+        let slot = |r: usize, h: usize| (r * NP + h) * NR;
+        for (r, acc_r) in acc.iter().enumerate() {
+            for (h, &x) in acc_r.iter().enumerate() {
+                // SAFETY: MR · NP ≤ 16 registers of 16 floats fit the buffer (asserted at
+                // compile time below).
+                unsafe { _mm512_store_ps(done.0.as_mut_ptr().add(slot(r, h)), x) };
+            }
+        }
+        const { assert!(MR * NP * NR <= TILE_MAX) };
+        // SAFETY: as above.
+        let val = |r: usize, h: usize| unsafe { _mm512_load_ps(done.0.as_ptr().add(slot(r, h))) };
         // Lanes of each panel that hold columns < n.
         let masks: [__mmask16; NP] = std::array::from_fn(|h| {
             let cols = (n - j0 - NR * h).min(NR);
@@ -1307,97 +1377,90 @@ mod x86 {
         // of panels q..q + NP (unmasked lanes); every offset formed is that of an element
         // (i, j) with i < m, j < n of C, H, bias or θ, m, v: inside the extents gemm_on checked.
         unsafe {
-            match epi {
-                Epi::Adam(ad) => {
-                    let s = ad.step;
-                    let (b1, b2) = (_mm512_set1_ps(s.b1), _mm512_set1_ps(s.b2));
-                    let (c1, c2) = (_mm512_set1_ps(s.c1), _mm512_set1_ps(s.c2));
-                    let lr_t = _mm512_set1_ps(s.lr_t);
-                    let inv = _mm512_set1_ps(s.inv_sqrt_bc2);
-                    let eps = _mm512_set1_ps(s.eps);
-                    for (r, acc_r) in acc.iter().enumerate().take(rows) {
-                        for (h, &g) in acc_r.iter().enumerate() {
-                            let at = (i0 + r) * ad.ld + j0 + NR * h;
-                            let (tp, mp, vp) = (ad.theta.add(at), ad.m.add(at), ad.v.add(at));
-                            let mk = masks[h];
-                            // Separate multiplies and adds, in AdamConsts::apply's order:
-                            // the same bits as adam_update.
-                            let mi = _mm512_add_ps(
-                                _mm512_mul_ps(b1, _mm512_maskz_loadu_ps(mk, mp)),
-                                _mm512_mul_ps(c1, g),
-                            );
-                            let vi = _mm512_add_ps(
-                                _mm512_mul_ps(b2, _mm512_maskz_loadu_ps(mk, vp)),
-                                _mm512_mul_ps(c2, _mm512_mul_ps(g, g)),
-                            );
-                            let den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv), eps);
-                            let upd = _mm512_div_ps(_mm512_mul_ps(lr_t, mi), den);
-                            _mm512_mask_storeu_ps(mp, mk, mi);
-                            _mm512_mask_storeu_ps(vp, mk, vi);
-                            let th = _mm512_maskz_loadu_ps(mk, ad.theta_in.add(at));
-                            _mm512_mask_storeu_ps(tp, mk, _mm512_sub_ps(th, upd));
+            if let Epi::Adam(ad) = epi {
+                let s = ad.step;
+                let (b1, b2) = (_mm512_set1_ps(s.b1), _mm512_set1_ps(s.b2));
+                let (c1, c2) = (_mm512_set1_ps(s.c1), _mm512_set1_ps(s.c2));
+                let lr_t = _mm512_set1_ps(s.lr_t);
+                let inv = _mm512_set1_ps(s.inv_sqrt_bc2);
+                let eps = _mm512_set1_ps(s.eps);
+                for r in 0..rows {
+                    for (h, &mk) in masks.iter().enumerate() {
+                        let g = val(r, h);
+                        let at = (i0 + r) * ad.ld + j0 + NR * h;
+                        let (tp, mp, vp) = (ad.theta.add(at), ad.m.add(at), ad.v.add(at));
+                        // Separate multiplies and adds, in AdamConsts::apply's order: the
+                        // same bits as adam_update.
+                        let mi = _mm512_add_ps(
+                            _mm512_mul_ps(b1, _mm512_maskz_loadu_ps(mk, mp)),
+                            _mm512_mul_ps(c1, g),
+                        );
+                        let vi = _mm512_add_ps(
+                            _mm512_mul_ps(b2, _mm512_maskz_loadu_ps(mk, vp)),
+                            _mm512_mul_ps(c2, _mm512_mul_ps(g, g)),
+                        );
+                        let den = _mm512_add_ps(_mm512_mul_ps(_mm512_sqrt_ps(vi), inv), eps);
+                        let upd = _mm512_div_ps(_mm512_mul_ps(lr_t, mi), den);
+                        _mm512_mask_storeu_ps(mp, mk, mi);
+                        _mm512_mask_storeu_ps(vp, mk, vi);
+                        let th = _mm512_maskz_loadu_ps(mk, ad.theta_in.add(at));
+                        let th = _mm512_sub_ps(th, upd);
+                        _mm512_mask_storeu_ps(tp, mk, th);
+                        if !ad.packed.is_null() {
+                            // The copy the ∂h pass reads (packed panels).
+                            let pp = ad.packed.add((q + h) * ad.panel + (i0 + r) * NR);
+                            _mm512_mask_storeu_ps(pp, mk, th);
                         }
                     }
-                    if !ad.packed.is_null() {
-                        // The packed copy, from θ's rows just stored (still in L1). A loop of
-                        // its own: folded into the one above, it made that loop too big to
-                        // unroll, and the accumulators then went through the stack in the
-                        // multiply's inner loop (3x slower).
-                        for r in 0..rows {
-                            for (h, &mk) in masks.iter().enumerate() {
-                                let at = (i0 + r) * ad.ld + j0 + NR * h;
-                                let th = _mm512_maskz_loadu_ps(mk, ad.theta.add(at));
-                                let pp = ad.packed.add((q + h) * ad.panel + (i0 + r) * NR);
-                                _mm512_mask_storeu_ps(pp, mk, th);
-                            }
-                        }
-                    }
-                    return;
                 }
-                Epi::Store => {}
-                Epi::Bias(bias) | Epi::BiasRelu(bias) | Epi::BiasLeaky(bias, _) => {
-                    let bv: [__m512; NP] = std::array::from_fn(|h| {
-                        _mm512_maskz_loadu_ps(masks[h], bias.add(j0 + NR * h))
-                    });
-                    for acc_r in acc.iter_mut().take(rows) {
-                        for (x, &bb) in acc_r.iter_mut().zip(&bv) {
-                            let y = _mm512_add_ps(*x, bb);
-                            *x = match epi {
+                return;
+            }
+            let bias = match epi {
+                Epi::Bias(b) | Epi::BiasRelu(b) | Epi::BiasLeaky(b, _) => b,
+                _ => std::ptr::null(),
+            };
+            for r in 0..rows {
+                for (h, &mk) in masks.iter().enumerate() {
+                    let x = val(r, h);
+                    let at = (i0 + r) * out.ldc + j0 + NR * h;
+                    let y = match epi {
+                        Epi::Store | Epi::Adam(_) => x,
+                        Epi::Bias(_) | Epi::BiasRelu(_) | Epi::BiasLeaky(..) => {
+                            let y =
+                                _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, bias.add(j0 + NR * h)));
+                            match epi {
                                 Epi::BiasRelu(_) => _mm512_max_ps(y, zero),
                                 Epi::BiasLeaky(_, alpha) => {
                                     _mm512_max_ps(y, _mm512_mul_ps(y, _mm512_set1_ps(alpha)))
                                 }
                                 _ => y,
-                            };
+                            }
                         }
-                    }
-                }
-                Epi::ReluMask(hm) | Epi::LeakyMask(hm, _) => {
-                    for (r, acc_r) in acc.iter_mut().enumerate().take(rows) {
-                        for (h, x) in acc_r.iter_mut().enumerate() {
-                            let at = (i0 + r) * out.ldc + j0 + NR * h;
-                            let hv = _mm512_maskz_loadu_ps(masks[h], hm.add(at));
+                        Epi::ReluMask(hm) | Epi::LeakyMask(hm, _) => {
+                            let hv = _mm512_maskz_loadu_ps(mk, hm.add(at));
                             let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(hv, zero);
-                            *x = match epi {
+                            match epi {
                                 Epi::LeakyMask(_, alpha) => _mm512_mask_blend_ps(
                                     pos,
-                                    _mm512_mul_ps(*x, _mm512_set1_ps(alpha)),
-                                    *x,
+                                    _mm512_mul_ps(x, _mm512_set1_ps(alpha)),
+                                    x,
                                 ),
-                                _ => _mm512_maskz_mov_ps(pos, *x),
-                            };
+                                _ => _mm512_maskz_mov_ps(pos, x),
+                            }
                         }
-                    }
-                }
-            }
-            for (r, acc_r) in acc.iter().enumerate().take(rows) {
-                for (h, &x) in acc_r.iter().enumerate() {
-                    let at = (i0 + r) * out.ldc + j0 + NR * h;
-                    _mm512_mask_storeu_ps(out.c.add(at), masks[h], x);
+                    };
+                    _mm512_mask_storeu_ps(out.c.add(at), mk, y);
                 }
             }
         }
     }
+
+    /// Floats of the largest tile (MR · NP ≤ 16 registers).
+    const TILE_MAX: usize = 16 * NR;
+
+    /// A finished tile's accumulators, aligned for whole-register stores.
+    #[repr(C, align(64))]
+    struct TileBuf([f32; TILE_MAX]);
 
     /// The forward panels of `pack_weight_rows` for whole panels of 16 rows, by 8 × 8 block
     /// transposes in registers.
