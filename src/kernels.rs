@@ -20,8 +20,13 @@
 //!   panels) in 2·MR zmm registers, A broadcast from memory; an odd last panel runs a
 //!   MR × 16 variant, a last tile of at most 4 rows a 4-row one, and a last 1 or 2 rows a
 //!   2 × 64 one (two rows across four panels); inner products of at most 4 terms run row by
-//!   row (a tile's set-up costs more than their multiply-adds). Column tails (n % 16 ≠ 0) and the epilogue use masked loads and stores,
-//!   so every tile, whole or not, finishes in registers.
+//!   row (a tile's set-up costs more than their multiply-adds). Column tails (n % 16 ≠ 0) and
+//!   the epilogue use masked loads and stores. Each tile shape runs in a never-inlined
+//!   function of its own, and the epilogue reads the accumulators back from an L1 buffer: with
+//!   several shapes inlined into one function, or the epilogue indexing the accumulators by
+//!   the tile's run-time row count, unrelated edits made the build keep the accumulators on the
+//!   stack (2x slower), and did so three times. With Adam in the epilogue (∂W) the tiles run row
+//!   by row across every panel, so θ, m and v stream along their rows.
 //! - AVX2 + FMA: a tile of 5 × 16 in ten ymm registers; partial tiles finish in scalar code.
 //! - portable: the same loop in plain Rust, which the compiler vectorises for its target.
 //!
@@ -53,25 +58,26 @@
 //!
 //! | m × k × n | role | AVX-512 (ours) | AVX2 (ours) | `gemm` 0.19 |
 //! | --- | --- | --- | --- | --- |
-//! | 100 × 64 × 256 | forward | 217 | 123 | 118 |
-//! | 100 × 256 × 256 | forward | 251 | 124 | 123 |
-//! | 100 × 256 × 64 | forward | 251 | 125 | 125 |
-//! | 128 × 512 × 512 | forward | 253 | 122 | 123 |
-//! | 1000 × 512 × 512 | forward | 248 | 119 | 131 |
-//! | 100 × 256 × 256 | ∂in, ReLU mask | 246 | 122 | 122 |
-//! | 50 × 256 × 256 | ∂in, ReLU mask | 240 | 122 | 112 |
-//! | 64 × 100 × 256 | ∂W + Adam | 217 | 100 | 107 |
-//! | 64 × 256 × 512 | ∂W + Adam | 227 | 103 | 111 |
-//! | 2048³ | plain | 253 | 121 | 131 |
+//! | 100 × 64 × 256 | forward | 247 | 129 | 122 |
+//! | 100 × 256 × 256 | forward | 272 | 129 | 128 |
+//! | 100 × 256 × 64 | forward | 266 | 130 | 129 |
+//! | 128 × 512 × 512 | forward | 263 | 124 | 124 |
+//! | 1000 × 512 × 512 | forward | 256 | 122 | 134 |
+//! | 100 × 256 × 256 | ∂in, ReLU mask | 264 | 125 | 125 |
+//! | 50 × 256 × 256 | ∂in, ReLU mask | 252 | 127 | 118 |
+//! | 64 × 100 × 256 | ∂W + Adam | 226 | 100 | 113 |
+//! | 64 × 256 × 512 | ∂W + Adam | 230 | 88 | 109 |
+//! | 2048³ | plain | 248 | 122 | 132 |
 //!
 //! Conclusion: on stable Rust the `gemm` crate is as fast as our AVX2 kernel on the forward
-//! and ∂in shapes (epilogue pass included) and up to ~8 % faster on ∂W (it packs ∂a and h;
+//! and ∂in shapes (epilogue pass included) and 13-24 % faster on ∂W (it packs ∂a and h;
 //! ours reads them in place, which pays on AVX-512), and our AVX-512 kernel is ~2× both on
 //! every shape, so we keep our own. MR = 8 was chosen by measurement: MR = 6 was
 //! 3 to 10 % slower on the 100-row shapes, MR = 10 and 12 (20 and 24 accumulators plus one
-//! A pointer per row) fell to ~75 GFLOP/s. Two threads (rows split, threads spawned per call)
-//! only pay from about 128 × 512 × 512 (316 vs 253); below that the spawn costs more than it
-//! saves, so small products should run on threads that already exist, or on one.
+//! A pointer per row) fell to ~75 GFLOP/s; for ∂W, 4 × 64 tiles were 6 % slower than 8 × 32.
+//! Two threads (rows split, threads spawned per call) only pay from about 128 × 512 × 512
+//! (345 vs 263); below that the spawn costs more than it saves, so small products should run
+//! on threads that already exist, or on one.
 #![deny(unsafe_op_in_unsafe_fn)]
 
 use std::sync::OnceLock;

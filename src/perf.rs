@@ -3,7 +3,8 @@
 //!
 //! Each row times what the engine pays per call: B is pre-packed weights (not timed); the
 //! forward rows fold bias + ReLU into our kernel, the input-gradient rows the ReLU mask; the
-//! weight-gradient rows pack A = dOutᵀ (timed) and run Adam in the epilogue. The `gemm` crate
+//! weight-gradient rows read A = dOut's columns and B = In where they are and run Adam in the
+//! epilogue. The `gemm` crate
 //! gets the same work: its multiply on unpacked row-major B, then the same epilogue as a
 //! separate vectorised pass (Adam through `kernels::adam_update`).
 
