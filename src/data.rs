@@ -64,12 +64,16 @@ impl Images {
 
     /// Image `i` as a slice of `dim` values, or an error naming the index.
     pub fn image(&self, i: usize) -> Result<&[f32]> {
-        ensure(
-            i < self.len(),
-            "index",
-            i,
-            &format!("there are {} images: use 0..{}", self.len(), self.len()),
-        )?;
+        if i >= self.len() {
+            // (The message is formatted only here: this runs for every image of every
+            // minibatch.)
+            let n = self.len();
+            return Err(Error::param(
+                "index",
+                i,
+                format!("there are {n} images: use 0..{n}"),
+            ));
+        }
         Ok(&self.x[i * self.dim..(i + 1) * self.dim])
     }
 
@@ -414,6 +418,21 @@ mod tests {
         row.push("12");
         let err = parse_digits_csv(&row.join(",")).unwrap_err();
         assert!(err.contains("outside 0..=9"), "{err}");
+    }
+
+    #[test]
+    fn an_image_past_the_end_is_an_error_that_names_the_count() {
+        let images = Images {
+            x: vec![0.5; 3 * 4],
+            labels: vec![0, 1, 2],
+            dim: 4,
+        };
+        assert_eq!(images.image(2).unwrap(), &[0.5; 4]);
+        let err = images.image(3).unwrap_err().to_string();
+        assert!(
+            err.contains("index") && err.contains("there are 3 images"),
+            "{err}"
+        );
     }
 
     #[test]

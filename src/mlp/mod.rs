@@ -953,12 +953,15 @@ pub fn rowwise<T: Send + Default, const N: usize>(
         return Ok(());
     };
     for &r in &rows {
-        ensure(
-            (1..=MAX_ROWS).contains(&r),
-            "rows",
-            r,
-            &format!("a batch has between 1 and {MAX_ROWS} rows"),
-        )?;
+        if !(1..=MAX_ROWS).contains(&r) {
+            // (The message is formatted only here: this runs every training step.)
+            ensure(
+                false,
+                "rows",
+                r,
+                &format!("a batch has between 1 and {MAX_ROWS} rows"),
+            )?;
+        }
         if !r.is_multiple_of(units) {
             return Err(Error::shape(
                 "rowwise (rows of each network)",
@@ -1986,5 +1989,19 @@ mod tests {
         state.v[0] = 0.0;
         state.parameters.pop();
         assert!(Mlp::from_state(state).is_err());
+        // A row-wise stretch of no rows, or of rows that are not multiples of the smallest.
+        let mut other = Mlp::new(&[2, 8, 4], Activation::Relu, adam, 1).unwrap();
+        let mut results: Vec<()> = vec![];
+        let err = rowwise(&team, [&mut net, &mut other], [0, 4], &mut results, &|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("rows") && err.contains("between 1 and"),
+            "{err}"
+        );
+        let err = rowwise(&team, [&mut net, &mut other], [2, 3], &mut results, &|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("whole multiples of 2"), "{err}");
     }
 }
