@@ -786,17 +786,58 @@ pub(crate) fn adam_block(m: usize, n: usize, g: &[f32], mut rows: AdamRows<'_>) 
         m.checked_mul(n).is_some_and(|len| len <= g.len()),
         "gradient shorter than m · n"
     );
-    let epi = Epi::Adam(adam_ptrs(m, n, &mut rows));
-    let out = Out {
-        c: std::ptr::null_mut(),
-        ldc: 0,
-    };
-    for (i, row) in g.chunks_exact(n).take(m).enumerate() {
-        for (j, &gij) in row.iter().enumerate() {
-            // SAFETY: i < m and j < n, inside the extents adam_ptrs asserted; the pointers
-            // come from `rows`, whose borrows live for this whole call (an Adam epilogue
-            // never touches `out`).
-            unsafe { store_one(out, epi, i, j, gij) };
+    let ptrs = adam_ptrs(m, n, &mut rows);
+    let AdamRows {
+        theta,
+        m: mom,
+        v,
+        ld,
+        step,
+        theta_in,
+        ..
+    } = rows;
+    // Rows that follow each other without gaps (ld = n: a narrow layer's block of W) are one
+    // run of m · n parameters, stepped in one vectorised loop (by rows of n < 16 they were
+    // scalar); otherwise row by row. Element by element either way: the same bits.
+    let (runs, len, stride) = if ld == n { (1, m * n, 0) } else { (m, n, ld) };
+    vectorised(
+        #[inline(always)]
+        || {
+            for run in 0..runs {
+                let r = run * stride..run * stride + len;
+                let gi = &g[run * n..run * n + len];
+                let (t, mm, vv) = (
+                    &mut theta[r.clone()],
+                    &mut mom[r.clone()],
+                    &mut v[r.clone()],
+                );
+                match theta_in {
+                    None => {
+                        for j in 0..len {
+                            step.apply(gi[j], &mut t[j], &mut mm[j], &mut vv[j]);
+                        }
+                    }
+                    Some(src) => {
+                        let src = &src[r];
+                        for j in 0..len {
+                            t[j] = step.stepped(gi[j], src[j], &mut mm[j], &mut vv[j]);
+                        }
+                    }
+                }
+            }
+        },
+    );
+    if !ptrs.packed.is_null() {
+        for i in 0..m {
+            for (c, chunk) in theta[i * ld..i * ld + n].chunks(NR).enumerate() {
+                // SAFETY: row i < m and columns 16c.. < n of the packed rows, which adam_ptrs
+                // asserted lie inside their buffer; nobody else touches them (PackedRows::new's
+                // contract).
+                unsafe {
+                    let dst = ptrs.packed.add(ptrs.packed_at(i, c * NR));
+                    std::ptr::copy_nonoverlapping(chunk.as_ptr(), dst, chunk.len());
+                }
+            }
         }
     }
 }
@@ -2092,6 +2133,48 @@ mod tests {
         }
         let av = StridedA::rows(&a, 2);
         gemm(3, 2, 2, av, &b, &mut [], 2, Epilogue::Adam(rows));
+    }
+
+    #[test]
+    fn adam_block_steps_rows_without_gaps_as_one_run() {
+        // A narrow layer's block (ld = n = 8, rows back to back), θ read from another buffer,
+        // its packed copy written: the same bits as Adam element by element.
+        let (m, n) = (5, 8);
+        let step = AdamConsts::new(AdamStep {
+            lr: 0.01,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            t: 4,
+        });
+        let g = values(m * n, 31);
+        let before = values(m * n, 32);
+        let (mut m1, mut v1) = (values(m * n, 33), values(m * n, 34));
+        for x in v1.iter_mut() {
+            *x = x.abs();
+        }
+        let (mut m2, mut v2) = (m1.clone(), v1.clone());
+        let mut want = before.clone();
+        adam_update(step, &mut want, &mut m1, &mut v1, &g);
+        let mut theta = vec![f32::NAN; m * n];
+        let mut copy = vec![7.5f32; m * panel_cols(n)];
+        let rows = AdamRows {
+            theta: &mut theta,
+            m: &mut m2,
+            v: &mut v2,
+            ld: n,
+            step,
+            // SAFETY: `copy` is a live local buffer of m · panel_cols(n) floats that nothing
+            // else touches during the call.
+            packed: Some(unsafe { PackedRows::new(copy.as_mut_ptr(), copy.len(), 0, m) }),
+            theta_in: Some(&before),
+        };
+        adam_block(m, n, &g, rows);
+        assert!(theta == want && m1 == m2 && v1 == v2);
+        for i in 0..m {
+            assert_eq!(&copy[i * NR..i * NR + n], &want[i * n..(i + 1) * n]);
+            assert!(copy[i * NR + n..(i + 1) * NR].iter().all(|&x| x == 7.5));
+        }
     }
 
     #[test]
