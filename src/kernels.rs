@@ -773,8 +773,8 @@ fn adam_ptrs(m: usize, n: usize, rows: &mut AdamRows<'_>) -> AdamPtrs {
 }
 
 /// What [`gemm`] with [`Epilogue::Adam`] does to an m × n block whose gradient is already
-/// known, g(i, j) = `g[i * n + j]`: the same Adam step on every parameter (the scalar form of
-/// the kernels' epilogue: the same bits), θ read from `theta_in` when given, the packed copy
+/// known, g(i, j) = `g[i * n + j]`: the same Adam step on every parameter (element by element
+/// as the kernels' epilogue: the same bits), θ read from `theta_in` when given, the packed copy
 /// written. For a layer with few inputs, whose gradient is cheaper to compute transposed.
 /// Panics (before touching anything) on the bounds [`gemm`] checks, or if g is shorter than
 /// m · n.
