@@ -18,11 +18,11 @@
 //!
 //! Two threads pay most while the two cores share a cache. On the 2-vCPU development machine
 //! the host moves the vCPUs every few seconds to a few minutes: a core-to-core round trip of a
-//! cache line measures ~42 ns for a while (shared L3: W1 trains in ~0.41 s), then ~390 ns
+//! cache line measures ~42 ns for a while (shared L3: W1 trains in ~0.37 s), then ~390 ns
 //! (no shared L3: every weight one thread updated, and every row of the batch the other
-//! thread wrote, crosses at ~10 GB/s, and W1 takes ~0.63 s against one thread's ~0.75 s),
+//! thread wrote, crosses at ~10 GB/s, and W1 takes ~0.55 s against one thread's ~0.69 s),
 //! then back. That, not the engine, is why `cargo xtask bench` rounds differ by up to 1.6x;
-//! PyTorch's two threads slow down in the slow phase too (W1 1.8 s vs 2.4 s).
+//! PyTorch's two threads slow down in the slow phase too (W1 1.8 s vs 2.3 s).
 //!
 //! A panic inside a task does not cross threads: it is caught, the other tasks still finish,
 //! and `run` returns an error, so a cell in a notebook gets a message instead of a dead kernel.
