@@ -1300,40 +1300,7 @@ mod x86 {
                         let bv = _mm512_loadu_ps(bp.add(q * b.ps + p * b.rs));
                         acc = _mm512_fmadd_ps(x, bv, acc);
                     }
-                    let at = i * out.ldc + j0;
-                    let y = match epi {
-                        Epi::Store | Epi::Adam(_) => acc,
-                        Epi::Bias(bias) => {
-                            _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias.add(j0)))
-                        }
-                        Epi::BiasRelu(bias) => _mm512_max_ps(
-                            _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias.add(j0))),
-                            zero,
-                        ),
-                        Epi::BiasLeaky(bias, alpha) => {
-                            let y = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(mask, bias.add(j0)));
-                            _mm512_max_ps(y, _mm512_mul_ps(y, _mm512_set1_ps(alpha)))
-                        }
-                        Epi::ReluMask(hm) => {
-                            let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
-                                _mm512_maskz_loadu_ps(mask, hm.add(at)),
-                                zero,
-                            );
-                            _mm512_maskz_mov_ps(pos, acc)
-                        }
-                        Epi::LeakyMask(hm, alpha) => {
-                            let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
-                                _mm512_maskz_loadu_ps(mask, hm.add(at)),
-                                zero,
-                            );
-                            _mm512_mask_blend_ps(
-                                pos,
-                                _mm512_mul_ps(acc, _mm512_set1_ps(alpha)),
-                                acc,
-                            )
-                        }
-                    };
-                    _mm512_mask_storeu_ps(out.c.add(at), mask, y);
+                    finish_register(out, epi, acc, mask, i * out.ldc + j0, j0);
                 }
                 j0 += NR;
             }
@@ -1419,7 +1386,6 @@ mod x86 {
                 (1u16 << cols) - 1
             }
         });
-        let zero = _mm512_setzero_ps();
         // SAFETY: rows i0..i0 + rows < m; the masked loads and stores touch only columns < n
         // of panels q..q + NP (unmasked lanes); every offset formed is that of an element
         // (i, j) with i < m, j < n of C, H, bias or θ, m, v: inside the extents gemm_on checked.
@@ -1462,43 +1428,55 @@ mod x86 {
                 }
                 return;
             }
-            let bias = match epi {
-                Epi::Bias(b) | Epi::BiasRelu(b) | Epi::BiasLeaky(b, _) => b,
-                _ => std::ptr::null(),
-            };
             for r in 0..rows {
                 for (h, &mk) in masks.iter().enumerate() {
-                    let x = val(r, h);
-                    let at = (i0 + r) * out.ldc + j0 + NR * h;
-                    let y = match epi {
-                        Epi::Store | Epi::Adam(_) => x,
-                        Epi::Bias(_) | Epi::BiasRelu(_) | Epi::BiasLeaky(..) => {
-                            let y =
-                                _mm512_add_ps(x, _mm512_maskz_loadu_ps(mk, bias.add(j0 + NR * h)));
-                            match epi {
-                                Epi::BiasRelu(_) => _mm512_max_ps(y, zero),
-                                Epi::BiasLeaky(_, alpha) => {
-                                    _mm512_max_ps(y, _mm512_mul_ps(y, _mm512_set1_ps(alpha)))
-                                }
-                                _ => y,
-                            }
-                        }
-                        Epi::ReluMask(hm) | Epi::LeakyMask(hm, _) => {
-                            let hv = _mm512_maskz_loadu_ps(mk, hm.add(at));
-                            let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(hv, zero);
-                            match epi {
-                                Epi::LeakyMask(_, alpha) => _mm512_mask_blend_ps(
-                                    pos,
-                                    _mm512_mul_ps(x, _mm512_set1_ps(alpha)),
-                                    x,
-                                ),
-                                _ => _mm512_maskz_mov_ps(pos, x),
-                            }
-                        }
-                    };
-                    _mm512_mask_storeu_ps(out.c.add(at), mk, y);
+                    let col = j0 + NR * h;
+                    finish_register(out, epi, val(r, h), mk, (i0 + r) * out.ldc + col, col);
                 }
             }
+        }
+    }
+
+    /// One register of finished sums x, C's 16 columns from `col` (lanes outside `mask` left
+    /// alone) at offset `at` of C (and H): the epilogue applied (bias, (leaky) ReLU, or the
+    /// (leaky) ReLU's mask from H; Store and Adam store x as it is) and stored. Shared by the
+    /// tiles and the row-by-row short products.
+    ///
+    /// # Safety
+    /// AVX-512F; the masked lanes of C and H at `at` and of the bias at `col` are inside the
+    /// extents `gemm_on` checked for this call's `out` and `epi`.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    #[inline]
+    unsafe fn finish_register(
+        out: Out,
+        epi: Epi,
+        x: __m512,
+        mask: __mmask16,
+        at: usize,
+        col: usize,
+    ) {
+        let zero = _mm512_setzero_ps();
+        // SAFETY: the function's contract (masked lanes only).
+        unsafe {
+            let with_bias =
+                |bias: *const f32| _mm512_add_ps(x, _mm512_maskz_loadu_ps(mask, bias.add(col)));
+            let positive = |hm: *const f32| {
+                _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_maskz_loadu_ps(mask, hm.add(at)), zero)
+            };
+            let y = match epi {
+                Epi::Store | Epi::Adam(_) => x,
+                Epi::Bias(bias) => with_bias(bias),
+                Epi::BiasRelu(bias) => _mm512_max_ps(with_bias(bias), zero),
+                Epi::BiasLeaky(bias, alpha) => {
+                    let y = with_bias(bias);
+                    _mm512_max_ps(y, _mm512_mul_ps(y, _mm512_set1_ps(alpha)))
+                }
+                Epi::ReluMask(hm) => _mm512_maskz_mov_ps(positive(hm), x),
+                Epi::LeakyMask(hm, alpha) => {
+                    _mm512_mask_blend_ps(positive(hm), _mm512_mul_ps(x, _mm512_set1_ps(alpha)), x)
+                }
+            };
+            _mm512_mask_storeu_ps(out.c.add(at), mask, y);
         }
     }
 
