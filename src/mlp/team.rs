@@ -41,8 +41,10 @@ type Job<'a> = &'a (dyn Fn(usize) + Sync + 'a);
 struct Shared {
     /// The current call: its generation in the high 24 bits, then how many tasks the caller
     /// took from the front (20 bits) and how many the helper took from the back (20 bits). A
-    /// task is taken by a compare-and-swap that also checks the generation, so a thread that
-    /// arrives after its call has ended takes nothing.
+    /// task is taken by a compare-and-swap that also checks the generation, and before the
+    /// caller writes the next call's task count and job it closes the last call (all its tasks
+    /// taken), so a thread that arrives after its call has ended takes nothing, even if it
+    /// reads the next call's count and job.
     state: AtomicU64,
     /// The current call's task count and its job: a pointer to the caller's `Job`, which lives
     /// on the caller's stack for the whole call. Both are written before `state` announces the
@@ -56,6 +58,33 @@ struct Shared {
     /// The helper is asleep (parked) and must be woken.
     sleeping: AtomicBool,
     quit: AtomicBool,
+    /// Tests only: called at the points of the protocol a test holds a thread at.
+    #[cfg(test)]
+    pause: std::sync::Mutex<Option<Hook>>,
+}
+
+/// Tests only: what a test runs at each [`Point`].
+#[cfg(test)]
+type Hook = Arc<dyn Fn(Point) + Send + Sync>;
+
+/// Tests only: where [`Shared::pause`] is called.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Point {
+    /// The helper has seen a new call and is about to take its tasks.
+    HelperSawCall,
+    /// The helper has taken what it could of that call.
+    HelperLeftCall,
+    /// The caller has written a call's task count and job and is about to announce it.
+    CallerBeforeAnnounce,
+}
+
+#[cfg(test)]
+fn pause_at(sh: &Shared, point: Point) {
+    let hook = sh.pause.lock().map(|h| h.clone()).unwrap_or(None);
+    if let Some(hook) = hook {
+        hook(point);
+    }
 }
 
 /// Bits of each task count in `state`, and the most tasks one call hands out at once.
@@ -89,6 +118,8 @@ impl Team {
             panicked: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             quit: AtomicBool::new(false),
+            #[cfg(test)]
+            pause: std::sync::Mutex::new(None),
         });
         let helper = (threads == 2).then(|| {
             let shared = Arc::clone(&shared);
@@ -151,13 +182,25 @@ impl Team {
             return Ok(());
         }
         let job: Job<'_> = f;
+        // First close the last call: its generation with every task taken. A helper still
+        // inside it (it saw that call, then lost its core while this thread did all the tasks)
+        // may read the task count and job written below, but it can take no task with them:
+        // its compare-and-swap needs the last call's state as it was before this store, and
+        // the closed state has none left. (Without this it could take tasks of this call
+        // under the old generation: they ran twice and the caller waited for ever.)
+        let last = sh.state.load(Ordering::Relaxed) >> GENERATION;
+        sh.state
+            .store(last << GENERATION | COUNT << FIELD, Ordering::SeqCst);
         // The helper reads `job` only through a task it took from this call's generation, and
         // this function returns only after every task of it has finished (`done == tasks`):
-        // the pointer is never used after `job` goes out of scope.
+        // the pointer is never used after `job` goes out of scope. Release (with the helper's
+        // Acquire): a helper that reads these values also sees the closed state above.
         sh.job
-            .store(&job as *const Job<'_> as *mut (), Ordering::Relaxed);
-        sh.tasks.store(tasks, Ordering::Relaxed);
+            .store(&job as *const Job<'_> as *mut (), Ordering::Release);
+        sh.tasks.store(tasks, Ordering::Release);
         sh.done.store(0, Ordering::Relaxed);
+        #[cfg(test)]
+        pause_at(sh, Point::CallerBeforeAnnounce);
         let generation =
             ((sh.state.load(Ordering::Relaxed) >> GENERATION) + 1) & ((1 << (64 - GENERATION)) - 1);
         // SeqCst here and on `sleeping` (with the helper's SeqCst pair): either the helper sees
@@ -193,7 +236,7 @@ impl Team {
         // Wait for the tasks the helper took (none, if it has not woken yet).
         let mut spins = 0u32;
         while sh.done.load(Ordering::Acquire) != tasks {
-            if helper.is_finished() {
+            if helper.is_finished() || sh.done.load(Ordering::Acquire) > tasks {
                 // The helper died outside a task (it never should): do not wait forever.
                 return Err(thread_error());
             }
@@ -316,8 +359,8 @@ fn take_task(sh: &Shared, task: impl FnOnce()) {
 
 /// The helper's share of call `generation`: take tasks while that call has some left.
 fn help(sh: &Shared, generation: u64) {
-    let tasks = sh.tasks.load(Ordering::Relaxed) as u64;
-    let job = sh.job.load(Ordering::Relaxed) as *const Job<'static>;
+    let tasks = sh.tasks.load(Ordering::Acquire) as u64;
+    let job = sh.job.load(Ordering::Acquire) as *const Job<'static>;
     let mut state = sh.state.load(Ordering::Acquire);
     while state >> GENERATION == generation {
         let (front, back) = taken(state);
@@ -380,7 +423,11 @@ fn helper_loop(sh: &Shared) {
             idle_since = Instant::now();
         };
         seen = generation;
+        #[cfg(test)]
+        pause_at(sh, Point::HelperSawCall);
         help(sh, generation);
+        #[cfg(test)]
+        pause_at(sh, Point::HelperLeftCall);
     }
 }
 
@@ -476,6 +523,65 @@ mod tests {
         let deadline = Duration::from_secs(if cfg!(miri) { 600 } else { 20 });
         let (failed, _) = rx.recv_timeout(deadline).expect("the team did not end");
         assert!(failed);
+        owner.join().unwrap();
+    }
+
+    /// A helper that saw a call but got to its tasks only after the caller had done them all
+    /// alone and begun writing the next call takes nothing until that call is announced.
+    /// (Before, it could take tasks of the next call under the old call's generation: those
+    /// tasks ran twice and the caller waited for ever; seen once as a GAN test that ran for
+    /// 20 minutes on an oversubscribed machine.) The hooks hold the helper right after it
+    /// sees call 1, and release it while the caller has written call 2 but not announced it.
+    #[test]
+    fn a_late_helper_takes_no_task_of_a_call_not_yet_announced() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = std::thread::spawn(move || {
+            let team = Team::new(2);
+            // 0: hold the helper; 1: let it go; 2: it has left the call it saw.
+            let stage = Arc::new(AtomicUsize::new(0));
+            let announced = Arc::new(AtomicUsize::new(0));
+            let (st, an) = (Arc::clone(&stage), Arc::clone(&announced));
+            let wait_for = move |st: &AtomicUsize, done: &dyn Fn(usize) -> bool| {
+                let start = Instant::now();
+                while !done(st.load(Ordering::SeqCst)) && start.elapsed() < Duration::from_secs(20)
+                {
+                    std::thread::yield_now();
+                }
+            };
+            *team.shared.pause.lock().unwrap() = Some(Arc::new(move |point| match point {
+                Point::HelperSawCall => wait_for(&st, &|s| s != 0),
+                Point::HelperLeftCall => {
+                    let _ = st.compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst);
+                }
+                Point::CallerBeforeAnnounce => {
+                    if an.fetch_add(1, Ordering::SeqCst) == 1 {
+                        st.store(1, Ordering::SeqCst);
+                        wait_for(&st, &|s| s == 2);
+                    }
+                }
+            }));
+            let runs: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+            let first = team.run(4, &|_| {});
+            let second = team.run(8, &|i| {
+                runs[i].fetch_add(1, Ordering::SeqCst);
+            });
+            *team.shared.pause.lock().unwrap() = None;
+            let runs: Vec<usize> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
+            // With one thread (a machine, or Miri without -Zmiri-num-cpus=2, that shows one
+            // core) no hook runs and there is nothing to hold.
+            let as_planned = team.threads() == 1 || stage.load(Ordering::SeqCst) == 2;
+            let _ = tx.send((first.is_ok(), second.is_ok(), runs, as_planned));
+        });
+        let deadline = Duration::from_secs(if cfg!(miri) { 600 } else { 60 });
+        let (first, second, runs, as_planned) = rx
+            .recv_timeout(deadline)
+            .expect("the second call never returned");
+        assert!(first && second, "calls failed: {first} {second}");
+        assert_eq!(runs, vec![1; 8], "each task of the second call runs once");
+        assert!(
+            as_planned,
+            "the helper was not held and released as planned"
+        );
         owner.join().unwrap();
     }
 

@@ -800,7 +800,10 @@ fn miri(root: &Path, run: &mut Runner) -> Result<()> {
     // the build enables). The engine's own tests (`mlp::tests`, which train ReLU networks)
     // run once, with the AVX2 kernel: their unsafe code is the same with every kernel, and
     // Miri has no 512-bit max or compare, which the AVX-512 kernel's (leaky) ReLU epilogues
-    // use (the kernel tests skip those epilogues under Miri).
+    // use (the kernel tests skip those epilogues under Miri). That run also shows Miri two
+    // cores, so that every `Team` there has its helper thread and Miri checks the hand-off
+    // between the two threads for data races (with one core, as Miri reports by default, a
+    // team runs everything on the caller): +7 s.
     for (name, rustflags, features, skip) in [
         ("portable", "", Some("portable"), Some("mlp::tests::")),
         ("avx2", "-C target-feature=+avx2,+fma", None, None),
@@ -832,6 +835,9 @@ fn miri(root: &Path, run: &mut Runner) -> Result<()> {
         cmd.current_dir(&miri_dir)
             .env("CARGO_TARGET_DIR", root.join(format!("target/miri-{name}")))
             .env("RUSTFLAGS", rustflags);
+        if name == "avx2" {
+            cmd.env("MIRIFLAGS", "-Zmiri-num-cpus=2");
+        }
         run.run(&mut cmd)?;
         println!(
             "[test] miri ({name} kernel): passed at {:.1} s",
