@@ -1389,21 +1389,20 @@ unsafe fn update_block(
             }
             let [tb, mb, vb] = bias;
             adam_update(step, tb, mb, vb, db);
-            // SAFETY: the rows this task just updated (their &mut borrows have ended).
-            let updated = unsafe { sh.theta.part(w0, w1) };
-            if !all_finite(updated) || !all_finite(tb) {
-                sh.non_finite.store(true, Ordering::Relaxed);
-            }
             #[cfg(test)]
             if sh.fault == Some((li, r0)) {
                 panic!("injected failure between the update of layer {li}'s rows {r0}.. and their repacking");
             }
-            // SAFETY: as above (the rows were just updated by this task); the forward
-            // copy's entries of these rows are this task's alone (pack_transposed_rows'
-            // contract), and fwd has the layer's packed size.
-            unsafe {
+            // SAFETY: the rows this task just updated (their &mut borrows have ended); the
+            // forward copy's entries of these rows are this task's alone
+            // (pack_transposed_rows' contract), and fwd has the layer's packed size.
+            let finite = unsafe {
                 let w = sh.theta.part(w0, w1);
-                pack_transposed_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr);
+                pack_transposed_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr)
+            };
+            // Repacking read every weight it changed: it also checked them.
+            if !finite || !all_finite(tb) {
+                sh.non_finite.store(true, Ordering::Relaxed);
             }
         }
         (None, Some(g)) => {
