@@ -585,6 +585,46 @@ mod tests {
         owner.join().unwrap();
     }
 
+    /// Six teams (twelve threads) on a machine of two cores, a million small calls each: every
+    /// task of every call runs once, and no call waits for ever. Helpers lose their core at
+    /// every point of the hand-off here; before the caller closed the last call (see
+    /// `a_late_helper_takes_no_task_of_a_call_not_yet_announced`) this test hung within
+    /// seconds, every time.
+    #[test]
+    fn many_teams_on_few_cores_run_every_task_once() {
+        let (teams, calls) = if cfg!(miri) { (2, 30) } else { (6, 1_000_000) };
+        let (tx, rx) = std::sync::mpsc::channel();
+        for t in 0..teams {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let team = Team::new(2);
+                let runs: Vec<AtomicUsize> = (0..9).map(|_| AtomicUsize::new(0)).collect();
+                let mut want = [0usize; 9];
+                let mut ok = true;
+                for call in 0..calls {
+                    let tasks = 2 + (call * 7 + t) % 8;
+                    ok &= team
+                        .run(tasks, &|i| {
+                            runs[i].fetch_add(1, Ordering::Relaxed);
+                        })
+                        .is_ok();
+                    for w in &mut want[..tasks] {
+                        *w += 1;
+                    }
+                }
+                let got: Vec<usize> = runs.iter().map(|r| r.load(Ordering::Relaxed)).collect();
+                let _ = tx.send(ok && got == want);
+            });
+        }
+        let deadline = Duration::from_secs(if cfg!(miri) { 600 } else { 120 });
+        for _ in 0..teams {
+            let ok = rx
+                .recv_timeout(deadline)
+                .expect("a team's calls never ended");
+            assert!(ok, "a task ran twice or not at all, or a call failed");
+        }
+    }
+
     #[test]
     fn a_sleeping_helper_wakes_for_the_next_call() {
         let team = Team::new(2);
