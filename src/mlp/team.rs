@@ -99,9 +99,22 @@ fn taken(state: u64) -> (u64, u64) {
 
 /// The threads that run the engine's tasks: the caller plus an optional helper thread. Made for
 /// the span of a training loop (or a sampler); dropping it ends the helper.
+///
+/// A team serves one calling thread: it may move to another thread (`Send`) but not be shared
+/// between threads (not `Sync`), since its hand-off has room for one call at a time. Two
+/// threads calling [`Team::run`] on one team at once do not compile:
+/// ```compile_fail
+/// let team = genlab::mlp::Team::new(2);
+/// std::thread::scope(|s| {
+///     s.spawn(|| team.run(2, &|_| {}));
+///     s.spawn(|| team.run(2, &|_| {}));
+/// });
+/// ```
 pub struct Team {
     shared: Arc<Shared>,
     helper: Option<JoinHandle<()>>,
+    /// Not `Sync` (see above).
+    _one_caller: std::marker::PhantomData<std::cell::Cell<()>>,
 }
 
 impl Team {
@@ -131,6 +144,7 @@ impl Team {
         Team {
             shared,
             helper: helper.flatten(),
+            _one_caller: std::marker::PhantomData,
         }
     }
 
