@@ -204,7 +204,7 @@ impl Team {
         // under the old generation: they ran twice and the caller waited for ever.)
         let last = sh.state.load(Ordering::Relaxed) >> GENERATION;
         sh.state
-            .store(last << GENERATION | COUNT << FIELD, Ordering::SeqCst);
+            .store((last << GENERATION) | (COUNT << FIELD), Ordering::SeqCst);
         // The helper reads `job` only through a task it took from this call's generation, and
         // this function returns only after every task of it has finished (`done == tasks`):
         // the pointer is never used after `job` goes out of scope. Release (with the helper's
@@ -251,7 +251,8 @@ impl Team {
         let mut spins = 0u32;
         while sh.done.load(Ordering::Acquire) != tasks {
             if helper.is_finished() || sh.done.load(Ordering::Acquire) > tasks {
-                // The helper died outside a task (it never should): do not wait forever.
+                // The helper died outside a task, or more tasks finished than this call has
+                // (a broken hand-off): neither should ever happen, but do not wait for ever.
                 return Err(thread_error());
             }
             spins += 1;
