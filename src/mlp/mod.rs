@@ -46,13 +46,16 @@
 //! whoever runs it: one thread and two give bit-identical results.
 
 mod adam;
+mod floats;
 #[cfg(not(miri))]
 pub mod reference;
-mod team;
+pub mod team; // TPROF
 
 pub use adam::AdamSettings;
 
 pub use team::FlushDenormals;
+
+use floats::Floats;
 pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
@@ -203,14 +206,14 @@ fn row_stride(width: usize) -> usize {
 /// the diffusion denoiser from it.
 pub struct Mlp {
     layers: Vec<Dense>,
-    theta: Vec<f32>,
-    m: Vec<f32>,
-    v: Vec<f32>,
+    theta: Floats,
+    m: Floats,
+    v: Floats,
     adam: AdamSettings,
     steps: usize,
     /// Per layer: Wᵀ packed (the forward pass's B operand) and W packed (for ∂h).
-    fwd: Vec<Vec<f32>>,
-    bwd: Vec<Vec<f32>>,
+    fwd: Vec<Floats>,
+    bwd: Vec<Floats>,
     /// Weight-update tasks: (layer, first row, end row), largest first.
     blocks: Vec<(usize, usize, usize)>,
     /// The batch the buffers hold: rows, its chunks, and whether the last forward pass kept
@@ -222,17 +225,17 @@ pub struct Mlp {
     /// ([`row_stride`]).
     ld: Vec<usize>,
     /// h₀ … h_L, B rows each.
-    h: Vec<Vec<f32>>,
+    h: Vec<Floats>,
     /// ∂a₀ … ∂a_{L−1}.
-    da: Vec<Vec<f32>>,
+    da: Vec<Floats>,
     /// ∂h₀ (the input gradient).
-    dinput: Vec<f32>,
+    dinput: Floats,
     /// hₗ packed as the B operand of ∂Wₗ = ∂aₗᵀ · hₗ.
-    packed_in: Vec<Vec<f32>>,
+    packed_in: Vec<Floats>,
     /// With [`Mlp::keep_before_update`]: the parameters as they were before the last Adam
     /// update (copied by its tasks), and the step count they belong to (None: not valid).
     keep: bool,
-    kept: Vec<f32>,
+    kept: Floats,
     kept_steps: Option<usize>,
     /// Every parameter is known to be finite (checked where θ was set, and by the update's
     /// tasks on the rows they changed): then [`Mlp::first_non_finite`] need not look.
@@ -310,7 +313,7 @@ impl Mlp {
         }
         let n = theta.len();
         let mut net = Mlp::empty(layers, adam);
-        net.restore_parts(theta, vec![0.0; n], vec![0.0; n], 0);
+        net.restore_parts(&theta, Floats::zeros(n), Floats::zeros(n), 0);
         Ok(net)
     }
 
@@ -347,28 +350,28 @@ impl Mlp {
             ld,
             fwd: dense
                 .iter()
-                .map(|d| vec![0.0; d.inp * panel_cols(d.out)])
+                .map(|d| Floats::zeros(d.inp * panel_cols(d.out)))
                 .collect(),
             bwd: dense
                 .iter()
-                .map(|d| vec![0.0; d.out * panel_cols(d.inp)])
+                .map(|d| Floats::zeros(d.out * panel_cols(d.inp)))
                 .collect(),
-            h: vec![vec![]; dense.len() + 1],
-            da: vec![vec![]; dense.len()],
-            packed_in: vec![vec![]; dense.len()],
+            h: vec![Floats::default(); dense.len() + 1],
+            da: vec![Floats::default(); dense.len()],
+            packed_in: vec![Floats::default(); dense.len()],
             layers: dense,
-            theta: vec![],
-            m: vec![],
-            v: vec![],
+            theta: Floats::default(),
+            m: Floats::default(),
+            v: Floats::default(),
             adam,
             steps: 0,
             blocks,
             rows: 0,
             chunks: vec![],
             ready: false,
-            dinput: vec![],
+            dinput: Floats::default(),
             keep: false,
-            kept: vec![],
+            kept: Floats::default(),
             kept_steps: None,
             finite: false,
             #[cfg(test)]
@@ -434,7 +437,7 @@ impl Mlp {
         check_len("Mlp::set_parameters", self.theta.len(), values.len())?;
         check_finite("parameters", values)?;
         let (m, v) = (std::mem::take(&mut self.m), std::mem::take(&mut self.v));
-        self.restore_parts(values.to_vec(), m, v, self.steps);
+        self.restore_parts(values, m, v, self.steps);
         Ok(())
     }
 
@@ -442,10 +445,10 @@ impl Mlp {
     pub fn state(&self) -> MlpState {
         MlpState {
             layers: self.layers(),
-            parameters: self.theta.clone(),
+            parameters: self.theta.to_vec(),
             adam: self.adam,
-            m: self.m.clone(),
-            v: self.v.clone(),
+            m: self.m.to_vec(),
+            v: self.v.to_vec(),
             steps: self.steps,
         }
     }
@@ -477,7 +480,8 @@ impl Mlp {
             "a step count this large was not written by training: the checkpoint is damaged",
         )?;
         let mut net = Mlp::empty(&state.layers, state.adam);
-        net.restore_parts(state.parameters, state.m, state.v, state.steps);
+        let (m, v) = (Floats::from_slice(&state.m), Floats::from_slice(&state.v));
+        net.restore_parts(&state.parameters, m, v, state.steps);
         Ok(net)
     }
 
@@ -503,7 +507,7 @@ impl Mlp {
                 (*m, *v) = (0.0, 0.0);
             }
         }
-        self.restore_parts(kept.to_vec(), m, v, steps);
+        self.restore_parts(kept, m, v, steps);
         Ok(())
     }
 
@@ -517,7 +521,7 @@ impl Mlp {
     pub fn keep_before_update(&mut self, on: bool) {
         self.keep = on;
         if !on {
-            self.kept = vec![];
+            self.kept = Floats::default();
             self.kept_steps = None;
         }
     }
@@ -568,9 +572,9 @@ impl Mlp {
             .map(|i| (i, self.theta[i]))
     }
 
-    fn restore_parts(&mut self, theta: Vec<f32>, m: Vec<f32>, v: Vec<f32>, steps: usize) {
-        self.finite = all_finite(&theta);
-        self.theta = theta;
+    fn restore_parts(&mut self, theta: &[f32], m: Floats, v: Floats, steps: usize) {
+        self.finite = all_finite(theta);
+        self.theta = Floats::from_slice(theta);
         self.m = m;
         self.v = v;
         self.steps = steps;
@@ -597,19 +601,19 @@ impl Mlp {
             self.chunks = row_chunks(rows, tile_rows(), chunk_granule());
         }
         for (h, &ld) in self.h.iter_mut().zip(&self.ld) {
-            h.resize(rows * ld, 0.0);
+            h.resize_zeroed(rows * ld);
         }
         if training {
             for (li, d) in self.layers.iter().enumerate() {
-                self.da[li].resize(rows * self.ld[li + 1], 0.0);
+                self.da[li].resize_zeroed(rows * self.ld[li + 1]);
                 let packed = if d.packs_input() {
                     rows * panel_cols(d.inp)
                 } else {
                     0
                 };
-                self.packed_in[li].resize(packed, 0.0);
+                self.packed_in[li].resize_zeroed(packed);
             }
-            self.dinput.resize(rows * self.layers[0].inp, 0.0);
+            self.dinput.resize_zeroed(rows * self.layers[0].inp);
         }
     }
 
@@ -674,7 +678,7 @@ impl Mlp {
     pub fn predict(&self, team: &Team, x: &[f32]) -> Result<Vec<f32>> {
         let rows = self.check_input("Mlp::predict", x, self.input_width())?;
         let chunks = row_chunks(rows, tile_rows(), chunk_granule());
-        let mut h: Vec<Vec<f32>> = self.ld.iter().map(|&ld| vec![0.0; rows * ld]).collect();
+        let mut h: Vec<Floats> = self.ld.iter().map(|&ld| Floats::zeros(rows * ld)).collect();
         run_forward(
             &self.layers,
             &self.ld,
@@ -686,7 +690,7 @@ impl Mlp {
             x,
             team,
         )?;
-        Ok(h.pop().unwrap_or_default())
+        Ok(h.pop().map(|out| out.to_vec()).unwrap_or_default())
     }
 
     /// The backward pass from ∂L/∂output (`dout`, one row per row of the last
@@ -780,7 +784,7 @@ impl Mlp {
         };
         let kept = if adam.is_some() && self.keep {
             if self.kept.len() != self.theta.len() {
-                self.kept = vec![0.0; self.theta.len()];
+                self.kept = Floats::zeros(self.theta.len());
             }
             // The parameters before the step stay where they are and become the undo copy; the
             // step writes every parameter anew into the other buffer (each block its rows).
@@ -1020,8 +1024,8 @@ struct RowViews<'a> {
     layers: &'a [Dense],
     ld: &'a [usize],
     theta: &'a [f32],
-    fwd: &'a [Vec<f32>],
-    bwd: &'a [Vec<f32>],
+    fwd: &'a [Floats],
+    bwd: &'a [Floats],
     rows: usize,
     h: Vec<Raw>,
     da: Vec<Raw>,
@@ -1032,7 +1036,7 @@ struct RowViews<'a> {
 impl<'a> RowViews<'a> {
     /// The views, and the chunks of rows the batch is cut into.
     fn of(net: &'a mut Mlp) -> (RowViews<'a>, &'a [(usize, usize)]) {
-        let raws = |v: &mut Vec<Vec<f32>>| v.iter_mut().map(|b| Raw::of(b)).collect();
+        let raws = |v: &mut Vec<Floats>| v.iter_mut().map(|b| Raw::of(b)).collect();
         let Mlp {
             layers,
             ld,
@@ -1087,7 +1091,7 @@ impl<'a> RowViews<'a> {
                 d.out,
                 d.inp,
                 StridedA::rows(input, ld_in),
-                &self.fwd[li],
+                &self.fwd[li][..],
                 out,
                 ld_out,
                 d.act.forward_epilogue(bias),
@@ -1146,7 +1150,7 @@ impl<'a> RowViews<'a> {
                 d.inp,
                 d.out,
                 StridedA::rows(a, ld_out),
-                &self.bwd[li],
+                &self.bwd[li][..],
                 target,
                 ldc,
                 epi,
@@ -1242,10 +1246,10 @@ fn run_forward(
     layers: &[Dense],
     ld: &[usize],
     theta: &[f32],
-    fwd: &[Vec<f32>],
+    fwd: &[Floats],
     chunks: &[(usize, usize)],
-    h: &mut [Vec<f32>],
-    packed_in: Option<&mut [Vec<f32>]>,
+    h: &mut [Floats],
+    packed_in: Option<&mut [Floats]>,
     x: &[f32],
     team: &Team,
 ) -> Result<()> {
@@ -1593,7 +1597,7 @@ struct Shared {
 
 impl Shared {
     fn of(net: &mut Mlp) -> Shared {
-        let raws = |v: &mut Vec<Vec<f32>>| v.iter_mut().map(|b| Raw::of(b)).collect();
+        let raws = |v: &mut Vec<Floats>| v.iter_mut().map(|b| Raw::of(b)).collect();
         Shared {
             theta: Raw::of(&mut net.theta),
             m: Raw::of(&mut net.m),
