@@ -163,6 +163,7 @@ impl Operands {
                     ld: n,
                     step: self.adam,
                     packed: None,
+                    transposed: None,
                     theta_in: None,
                 };
                 gemm_on(

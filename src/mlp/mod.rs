@@ -27,10 +27,11 @@
 //! backwards, the activation's derivative) applied to each tile as it leaves the registers,
 //! and Adam applied to each weight-gradient tile. The weights are kept packed both ways (Wᵀ for
 //! the forward pass, W for ∂h): Adam's epilogue writes W's panels as it computes the new
-//! values, and the task that updated a block of rows then repacks their Wᵀ panels. (Writing
-//! W's panels in a second pass over θ cost W1 ~5 % in a fast phase of the host and ~15 % in a
-//! slow one, where every line written that the other core had read costs a cross-core round
-//! trip.)
+//! values, and Wᵀ's panels from each finished tile while its new values are in L1
+//! (`kernels::Transposed`; the kernels that cannot, and blocks of partial tiles, repack the block's
+//! rows after it). (Writing W's panels in a second pass over θ cost W1 ~5 % in a fast phase of
+//! the host and ~15 % in a slow one, where every line written that the other core had read
+//! costs a cross-core round trip; so did Wᵀ's, 4-9 % in the slow one.)
 //!
 //! Work comes in stretches of tasks shared by a [`Team`] of threads, and the team waits at the
 //! end of each: the forward pass and the ∂h pass split the batch into chunks of rows (rows are
@@ -60,13 +61,14 @@ pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
 use crate::kernels::{
-    adam_block, adam_update, chunk_granule, column_sums, gemm, pack_b_rows, pack_transposed_rows,
-    pack_weight_rows, panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, PackedRows,
-    PanelsB, StridedA, NR,
+    adam_block, adam_update, chunk_granule, column_sums, gemm, pack_b_rows, pack_weight_rows,
+    panel_cols, tile_rows, AdamConsts, AdamRows, AdamStep, Epilogue, PackedRows, PanelsB, StridedA,
+    Transposed, NR,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 use rand_distr::{Distribution, Uniform};
+use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The nonlinearity after a layer.
@@ -241,7 +243,7 @@ pub struct Mlp {
     /// tasks on the rows they changed): then [`Mlp::first_non_finite`] need not look.
     finite: bool,
     /// Tests only: the weight-update task (an index into `blocks`) that panics at the next
-    /// update, after updating its rows and before repacking them.
+    /// update, after updating its rows (and their packed copies) and before its bias check.
     #[cfg(test)]
     pub(crate) fault: Option<usize>,
 }
@@ -806,7 +808,7 @@ impl Mlp {
 
     /// After an update's tasks: the step count (every task that ran used step t for its
     /// moments, so the step counts even when a task failed), whether θ is known finite, and
-    /// packed copies that match θ again if a task failed between its update and its repacking.
+    /// packed copies that match θ again if a task failed part-way.
     fn finish_update(&mut self, plan: &Plan, done: bool, non_finite: bool) {
         if plan.adam.is_some() {
             self.steps += 1;
@@ -1367,14 +1369,26 @@ unsafe fn update_block(
             // SAFETY: bwd[li] holds out · panel_cols(inp) floats (`empty`), and its entries
             // of rows r0..r1 are this task's alone during this stretch.
             let bwd = unsafe { PackedRows::new(sh.bwd[li].ptr, sh.bwd[li].len, r0, d.out) };
+            // SAFETY: fwd[li] holds inp · panel_cols(out) floats (`empty`), and its entries
+            // of rows r0..r1 (lanes r0..r1 of Wᵀ's panels) are this task's alone during this
+            // stretch.
+            let fwd = unsafe { PackedRows::new(sh.fwd[li].ptr, sh.fwd[li].len, r0, d.out) };
+            // Whether every parameter the block wrote is finite: the copies' writers check
+            // the values as they pass.
+            let finite = Cell::new(true);
             let target = AdamRows {
                 theta,
                 m,
                 v,
                 ld: d.inp,
                 step,
-                // The ∂h pass's copy of these rows, written as Adam computes them.
+                // The ∂h pass's copy of these rows, written as Adam computes them, and the
+                // forward pass's (Wᵀ), written tile by tile or after the block.
                 packed: Some(bwd),
+                transposed: Some(Transposed {
+                    rows: fwd,
+                    finite: &finite,
+                }),
                 theta_in,
             };
             if narrow {
@@ -1395,17 +1409,9 @@ unsafe fn update_block(
             adam_update(step, tb, mb, vb, db);
             #[cfg(test)]
             if sh.fault == Some((li, r0)) {
-                panic!("injected failure between the update of layer {li}'s rows {r0}.. and their repacking");
+                panic!("injected failure after the update of layer {li}'s rows {r0}..");
             }
-            // SAFETY: the rows this task just updated (their &mut borrows have ended); the
-            // forward copy's entries of these rows are this task's alone
-            // (pack_transposed_rows' contract), and fwd has the layer's packed size.
-            let finite = unsafe {
-                let w = sh.theta.part(w0, w1);
-                pack_transposed_rows(w, r0, d.inp, d.out, sh.fwd[li].ptr)
-            };
-            // Repacking read every weight it changed: it also checked them.
-            if !finite || !all_finite(tb) {
+            if !finite.get() || !all_finite(tb) {
                 sh.non_finite.store(true, Ordering::Relaxed);
             }
         }
@@ -1820,7 +1826,7 @@ mod tests {
         }
     }
 
-    /// A weight-update task that panics between updating its rows and repacking them:
+    /// A weight-update task that panics after updating its rows:
     /// `backward` returns an error, the step counts (the other tasks ran with t = steps + 1),
     /// the packed copies match θ again, and the network trains on exactly as one rebuilt from
     /// its checkpoint state.
