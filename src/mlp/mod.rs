@@ -1,6 +1,7 @@
 //! The engine every model trains on: a multilayer perceptron (MLP) of any widths, with its
 //! forward pass, its backward pass and Adam fused into a few matrix multiplies, run on two
-//! threads with no allocation inside a step.
+//! threads with no buffer allocated inside a step (only a few short task lists: ~26 small
+//! allocations a W1 step, ~0.1 % of its time).
 //!
 //! # The network
 //! Layer l maps hₗ (B rows, one per example) to
