@@ -26,7 +26,9 @@
 //!   several shapes inlined into one function, or the epilogue indexing the accumulators by
 //!   the tile's run-time row count, unrelated edits made the build keep the accumulators on the
 //!   stack (2x slower), and did so three times. With Adam in the epilogue (∂W) the tiles run row
-//!   by row across every panel, so θ, m and v stream along their rows.
+//!   by row across every panel, so θ, m and v stream along their rows, and a whole tile also
+//!   writes both packed copies of its new weights ([`PackedRows`] from its registers,
+//!   [`Transposed`] by 8 × 8 transposes from L1).
 //! - AVX2 + FMA: a tile of 5 × 16 in ten ymm registers; partial tiles finish in scalar code.
 //! - portable: the same loop in plain Rust, which the compiler vectorises for its target.
 //!
@@ -43,8 +45,8 @@
 //! kernels run only after run-time detection of their CPU features. [`pack_b_rows`] and
 //! [`pack_weight_rows`] write through raw pointers into buffers shared by threads, so they stay
 //! `unsafe fn` with their contracts in `# Safety`; so does [`PackedRows::new`], the packed copy
-//! of W that Adam's epilogue writes (its rows are checked by [`gemm`], its exclusivity is the
-//! caller's contract). Every `unsafe` block says why it is sound.
+//! of W (and Wᵀ) that Adam's epilogue writes (its rows are checked by [`gemm`], its exclusivity
+//! is the caller's contract). Every `unsafe` block says why it is sound.
 //! The tests run under Miri: the portable and AVX2 paths in full, the AVX-512 path except its
 //! (leaky) ReLU epilogues (Miri has no `vmaxps`/`vcmpps` on zmm). dfdx 0.13 does not build on
 //! today's nightly, so Miri runs this file in a crate of its own
