@@ -2049,6 +2049,20 @@ mod tests {
         let mut g = vec![0.0; m * n];
         let av = StridedA::rows(&a, k);
         gemm_on(kernel, m, n, k, av, &packed, &mut g, n, Epilogue::Store);
+        // The block's step on this kernel, ∂W = A·B fused with Adam.
+        let adam_gemm = |rows: AdamRows<'_>| {
+            gemm_on(
+                kernel,
+                m,
+                n,
+                k,
+                av,
+                &packed,
+                &mut [],
+                n,
+                Epilogue::Adam(rows),
+            )
+        };
         let step = AdamConsts::new(AdamStep {
             lr: 0.01,
             beta1: 0.9,
@@ -2095,17 +2109,7 @@ mod tests {
             }),
             theta_in: None,
         };
-        gemm_on(
-            kernel,
-            m,
-            n,
-            k,
-            av,
-            &packed,
-            &mut [],
-            n,
-            Epilogue::Adam(rows),
-        );
+        adam_gemm(rows);
         assert!(
             t1 == t2 && m1 == m2 && v1 == v2,
             "{kernel:?} m={m} n={n} k={k}"
@@ -2161,37 +2165,39 @@ mod tests {
             t4 == t2 && m4 == m2 && v4 == v2 && copy4 == copy && tcopy4 == tcopy && finite.get(),
             "{kernel:?} m={m} n={n} k={k}: adam_block"
         );
+        // One step with θ read from `before` into a θ that held NaN (the gaps between rows keep
+        // `before`'s values), and the transposed copy into `tcopy` if given: (θ, m, v).
+        let step_from = |before: &[f32], tcopy: Option<&mut [f32]>, finite: &Cell<bool>| {
+            let (mut mm, mut vv) = (
+                values(len, 9),
+                values(len, 10).iter().map(|x| x.abs()).collect::<Vec<_>>(),
+            );
+            let mut t: Vec<f32> = (0..len)
+                .map(|i| if (i % ld) < n { f32::NAN } else { before[i] })
+                .collect();
+            let transposed = tcopy.map(|c| Transposed {
+                // SAFETY: `c` is a live local buffer of n · panel_cols(total_t) floats that
+                // nothing else touches during the call.
+                rows: unsafe { PackedRows::new(c.as_mut_ptr(), c.len(), first_t, total_t) },
+                finite,
+            });
+            let rows = AdamRows {
+                theta: &mut t,
+                m: &mut mm,
+                v: &mut vv,
+                ld,
+                step,
+                packed: None,
+                transposed,
+                theta_in: Some(before),
+            };
+            adam_gemm(rows);
+            (t, mm, vv)
+        };
         // Reading θ from another buffer: the same step lands in `theta` (whatever it held),
         // the source keeps the values before the step, the gaps between rows stay.
-        let (before, mut m3, mut v3) = (
-            values(len, 8),
-            values(len, 9),
-            values(len, 10).iter().map(|x| x.abs()).collect::<Vec<_>>(),
-        );
-        let mut t3: Vec<f32> = (0..len)
-            .map(|i| if (i % ld) < n { f32::NAN } else { before[i] })
-            .collect();
-        let rows = AdamRows {
-            theta: &mut t3,
-            m: &mut m3,
-            v: &mut v3,
-            ld,
-            step,
-            packed: None,
-            transposed: None,
-            theta_in: Some(&before),
-        };
-        gemm_on(
-            kernel,
-            m,
-            n,
-            k,
-            av,
-            &packed,
-            &mut [],
-            n,
-            Epilogue::Adam(rows),
-        );
+        let before = values(len, 8);
+        let (t3, m3, v3) = step_from(&before, None, &Cell::new(true));
         assert!(
             t3 == t1 && m3 == m1 && v3 == v1 && before == values(len, 8),
             "{kernel:?} m={m} n={n} k={k}: θ read from another buffer"
@@ -2201,36 +2207,9 @@ mod tests {
         for (at, bad) in [(0, f32::INFINITY), ((m - 1) * ld + n - 1, f32::NAN)] {
             let mut before = values(len, 8);
             before[at] = bad;
-            let (mut t5, mut m5, mut v5) = (vec![0.0; len], values(len, 9), v1.clone());
             let mut tcopy5 = vec![0.0f32; tcopy.len()];
             let finite = Cell::new(true);
-            let rows = AdamRows {
-                theta: &mut t5,
-                m: &mut m5,
-                v: &mut v5,
-                ld,
-                step,
-                packed: None,
-                transposed: Some(Transposed {
-                    // SAFETY: as above, for `tcopy5`.
-                    rows: unsafe {
-                        PackedRows::new(tcopy5.as_mut_ptr(), tcopy5.len(), first_t, total_t)
-                    },
-                    finite: &finite,
-                }),
-                theta_in: Some(&before),
-            };
-            gemm_on(
-                kernel,
-                m,
-                n,
-                k,
-                av,
-                &packed,
-                &mut [],
-                n,
-                Epilogue::Adam(rows),
-            );
+            step_from(&before, Some(&mut tcopy5), &finite);
             assert!(
                 !finite.get(),
                 "{kernel:?} m={m} n={n} k={k}: {bad} at {at} not reported"
