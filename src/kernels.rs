@@ -352,7 +352,7 @@ pub(crate) struct AdamRows<'a> {
 /// parameters are in L1 (`gemm_on` arranges that when every tile is whole and `first` is a
 /// multiple of 8); the other kernels and shapes repack the block's rows after the multiply.
 /// Measured on W1 against the repack after every block: the same time with one thread,
-/// −4 to −9 % with two when the cores share no cache (the copy's lines were read by the other
+/// −2 to −9 % with two when the cores share no cache (the copy's lines were read by the other
 /// core in the last step, and every store to them waits for that core to let go of the line:
 /// spread among the multiply-adds those waits overlap; back to back in a repack they did not).
 pub(crate) struct Transposed<'a> {

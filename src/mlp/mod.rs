@@ -32,7 +32,7 @@
 //! (`kernels::Transposed`; the kernels that cannot, and blocks of partial tiles, repack the block's
 //! rows after it). (Writing W's panels in a second pass over θ cost W1 ~5 % in a fast phase of
 //! the host and ~15 % in a slow one, where every line written that the other core had read
-//! costs a cross-core round trip; so did Wᵀ's, 4-9 % in the slow one.)
+//! costs a cross-core round trip; so did Wᵀ's, 2-9 % in the slow one.)
 //!
 //! Work comes in stretches of tasks shared by a [`Team`] of threads, and the team waits at the
 //! end of each: the forward pass and the ∂h pass split the batch into chunks of rows (rows are
@@ -51,14 +51,14 @@ mod adam;
 mod floats;
 #[cfg(not(miri))]
 pub mod reference;
-pub mod team; // TPROF
+mod team;
 
 pub use adam::AdamSettings;
 
 pub use team::FlushDenormals;
+pub use team::{threads_wanted, Team};
 
 use floats::Floats;
-pub use team::{threads_wanted, Team};
 
 use crate::error::{ensure, Error, Result};
 use crate::kernels::{
