@@ -187,14 +187,13 @@ fn gan_ring(seed: u64, scale: f64) -> Result<String, String> {
 /// 1,000, in GFLOP/s (2 flops per multiply-add of the matrix products; the elementwise work is
 /// not counted), each the median of 5 timed runs.
 fn mlp(seed: u64, scale: f64) -> Result<String, String> {
-    use genlab::mlp::{Activation, FlushDenormals, Mlp, Team, Update};
+    use genlab::mlp::{Activation, Mlp, Team, Update};
     use rand::{rngs::StdRng, SeedableRng};
     use rand_distr::{Distribution, StandardNormal};
     let widths = [128, 512, 512, 512, 64];
     let adam = genlab::mlp::AdamSettings::default();
     let mut net = Mlp::new(&widths, Activation::Relu, adam, seed).map_err(|e| e.to_string())?;
     let team = Team::default_size();
-    let _ftz = FlushDenormals::new();
     let mut rng = StdRng::seed_from_u64(seed);
     let mut normal = |n: usize, s: f32| -> Vec<f32> {
         (0..n)

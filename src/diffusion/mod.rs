@@ -713,7 +713,6 @@ impl Ddpm {
         let start = self.history.len();
         let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
-        let _ftz = crate::mlp::FlushDenormals::new();
         let clock = std::time::Instant::now();
         let mut last_print: Option<std::time::Instant> = None;
         let mut sum = 0.0;
@@ -762,7 +761,6 @@ impl Ddpm {
     /// each step's loss is in `step_losses`.
     pub fn train_steps_only(&mut self, iters: usize) -> Result<()> {
         let team = Team::default_size();
-        let _ftz = crate::mlp::FlushDenormals::new();
         for _ in 0..iters {
             let loss = self.guarded_step(&team)?;
             self.step_losses.push(loss);
@@ -836,7 +834,6 @@ impl Ddpm {
         let (d, e) = (self.dim, self.config.embedding);
         let mut rng = StdRng::seed_from_u64(seed);
         let team = team_for(n);
-        let _ftz = crate::mlp::FlushDenormals::new();
         // The denoiser's input rows [x_t, emb(t)]: x_t lives in the first d columns.
         let mut input = vec![0.0f32; n * (d + e)];
         for row in input.chunks_exact_mut(d + e) {
@@ -963,7 +960,6 @@ impl Ddpm {
             .map(|i| ((i * big_t) as f64 / steps as f64).round() as usize)
             .collect();
         let team = team_for(n);
-        let _ftz = crate::mlp::FlushDenormals::new();
         let mut input = vec![0.0f32; n * (d + e)];
         for (row, x) in input.chunks_exact_mut(d + e).zip(x_t.chunks_exact(d)) {
             row[..d].copy_from_slice(x);

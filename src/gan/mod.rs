@@ -23,9 +23,7 @@
 use crate::data::{check_rows, load_digits, Scale};
 use crate::error::{ensure, Error, Result};
 use crate::loss::bce_with_logits;
-use crate::mlp::{
-    rowwise, update_nets_with, Activation, FlushDenormals, Mlp, MlpState, Team, Update,
-};
+use crate::mlp::{rowwise, update_nets_with, Activation, Mlp, MlpState, Team, Update};
 use crate::plot::Figure;
 use crate::train::AdamSettings;
 use rand::{Rng as _, SeedableRng};
@@ -878,7 +876,6 @@ impl Gan {
     fn train_loop(&mut self, iterations: usize) -> Result<()> {
         let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
-        let _ftz = FlushDenormals::new();
         let clock = std::time::Instant::now();
         let mut last_print: Option<std::time::Instant> = None;
         for i in 0..iterations {
@@ -950,7 +947,6 @@ impl Gan {
     /// last step's L_D. Does not add to the history.
     pub fn train_discriminator(&mut self, steps: usize) -> Result<f64> {
         let team = Team::default_size();
-        let _ftz = FlushDenormals::new();
         let mut loss = f64::NAN;
         let it = self.history.len();
         for _ in 0..steps {

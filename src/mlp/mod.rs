@@ -55,7 +55,6 @@ mod team;
 
 pub use adam::AdamSettings;
 
-pub use team::FlushDenormals;
 pub use team::{threads_wanted, Team};
 
 use floats::Floats;
@@ -757,9 +756,9 @@ impl Mlp {
         update_nets(team, [(self, update)])
     }
 
-    /// What an update of this network needs from it before its tasks run: Adam's constants
-    /// for step t = steps + 1, where the gradient goes, where the undo copy goes.
-    fn plan_update(&mut self, update: &mut Update<'_>) -> Result<Plan> {
+    /// Whether this network can do `update` now: a forward pass to go back through, and a
+    /// gradient buffer of its size. [`update_nets`] checks every network before it changes any.
+    fn check_update(&self, update: &Update<'_>) -> Result<()> {
         if !self.ready {
             return Err(Error::param(
                 "Mlp::backward",
@@ -767,8 +766,17 @@ impl Mlp {
                 "call forward (not infer) on the batch first",
             ));
         }
+        if let Update::Gradient(g) = update {
+            check_len("Mlp::backward (gradient buffer)", self.theta.len(), g.len())?;
+        }
+        Ok(())
+    }
+
+    /// What an update of this network needs from it before its tasks run: Adam's constants
+    /// for step t = steps + 1, where the gradient goes, where the undo copy goes. Call
+    /// [`Mlp::check_update`] first: this already changes the network (the undo copy).
+    fn plan_update(&mut self, update: &mut Update<'_>) -> Plan {
         let adam = match update {
-            Update::None => None,
             Update::Adam => Some(AdamConsts::new(AdamStep {
                 lr: self.adam.lr as f32,
                 beta1: self.adam.beta1 as f32,
@@ -776,10 +784,7 @@ impl Mlp {
                 eps: self.adam.eps as f32,
                 t: i32::try_from(self.steps + 1).unwrap_or(i32::MAX),
             })),
-            Update::Gradient(g) => {
-                check_len("Mlp::backward (gradient buffer)", self.theta.len(), g.len())?;
-                None
-            }
+            Update::None | Update::Gradient(_) => None,
         };
         let grads = match update {
             Update::Gradient(g) => Some(Raw::of(g)),
@@ -799,12 +804,12 @@ impl Mlp {
             None
         };
         let active = adam.is_some() || grads.is_some();
-        Ok(Plan {
+        Plan {
             adam,
             grads,
             kept,
             active,
-        })
+        }
     }
 
     /// After an update's tasks: the step count (every task that ran used step t for its
@@ -868,10 +873,15 @@ pub fn update_nets_with<const N: usize>(
     first: &mut dyn FnMut(),
 ) -> Result<()> {
     let mut nets = nets;
-    let mut plans = Vec::with_capacity(N);
-    for (net, update) in nets.iter_mut() {
-        plans.push(net.plan_update(update)?);
+    // Every network is checked before any is changed: a plan keeps its undo copy by swapping
+    // buffers, so a later network's error must not leave an earlier one half-planned.
+    for (net, update) in nets.iter() {
+        net.check_update(update)?;
     }
+    let plans: Vec<Plan> = nets
+        .iter_mut()
+        .map(|(net, update)| net.plan_update(update))
+        .collect();
     let shared: Vec<Shared> = nets.iter_mut().map(|(net, _)| Shared::of(net)).collect();
     #[cfg(test)]
     let shared: Vec<Shared> = shared
@@ -1863,6 +1873,46 @@ mod tests {
         }
         let (a, b) = (net.predict(&team, &x), fresh.predict(&team, &x));
         assert!(same(&a.unwrap(), &b.unwrap()));
+    }
+
+    /// An update of several networks whose second plan is refused (a gradient buffer of the
+    /// wrong size) changes none of them: the first network, which keeps its parameters for
+    /// undo, still has them, and predicts as before. (Before, the first network's plan had
+    /// already swapped θ with its undo buffer, zeros on first use, while its packed weights
+    /// kept the real values, and `undo_update` did nothing.)
+    #[test]
+    fn a_refused_plan_changes_no_network() {
+        let team = Team::new(2);
+        let x: Vec<f32> = (0..4 * 3).map(|i| (i as f32 * 0.37).sin()).collect();
+        let mut a = Mlp::new(&[3, 6, 2], Activation::Relu, AdamSettings::default(), 1).unwrap();
+        let mut b = Mlp::new(&[3, 5, 2], Activation::Relu, AdamSettings::default(), 2).unwrap();
+        a.keep_before_update(true);
+        let before = a.parameters().to_vec();
+        let predicted = a.predict(&team, &x).unwrap();
+        a.forward(&team, &x).unwrap();
+        b.forward(&team, &x).unwrap();
+        let mut short = vec![0.0; b.parameters().len() - 1];
+        let refused = update_nets(
+            &team,
+            [
+                (&mut a, Update::Adam),
+                (&mut b, Update::Gradient(&mut short)),
+            ],
+        );
+        assert!(refused.is_err());
+        assert_eq!(a.steps(), 0);
+        assert!(
+            same(a.parameters(), &before),
+            "θ of the first network changed"
+        );
+        assert!(same(&a.predict(&team, &x).unwrap(), &predicted));
+        // And it still trains: the same update alone goes through.
+        a.forward(&team, &x).unwrap();
+        let dout = vec![0.1; 4 * 2];
+        a.backward(&team, &dout, Update::Adam).unwrap();
+        assert_eq!(a.steps(), 1);
+        a.undo_update(0).unwrap();
+        assert!(same(a.parameters(), &before));
     }
 
     /// Equal, or within float noise under Miri (which perturbs sqrt and powi on purpose); a

@@ -28,6 +28,7 @@
 //! and `run` returns an error, so a cell in a notebook gets a message instead of a dead kernel.
 
 use crate::error::{Error, Result};
+use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,8 +40,8 @@ type Job<'a> = &'a (dyn Fn(usize) + Sync + 'a);
 
 /// What the calling thread and the helper share.
 struct Shared {
-    /// The current call: its generation in the high 24 bits, then how many tasks the caller
-    /// took from the front (20 bits) and how many the helper took from the back (20 bits). A
+    /// The current call: its generation in the high 40 bits, then how many tasks the caller
+    /// took from the front (12 bits) and how many the helper took from the back (12 bits). A
     /// task is taken by a compare-and-swap that also checks the generation, and before the
     /// caller writes the next call's task count and job it closes the last call (all its tasks
     /// taken), so a thread that arrives after its call has ended takes nothing, even if it
@@ -51,8 +52,8 @@ struct Shared {
     /// call.
     tasks: AtomicUsize,
     job: AtomicPtr<()>,
-    /// Tasks of the current call finished (by either thread).
-    done: AtomicUsize,
+    /// Tasks of the current call the helper has finished.
+    helper_done: AtomicUsize,
     /// A task panicked during this call.
     panicked: AtomicBool,
     /// The helper is asleep (parked) and must be woken.
@@ -75,8 +76,12 @@ enum Point {
     HelperSawCall,
     /// The helper has taken what it could of that call.
     HelperLeftCall,
+    /// The helper has read a call's task count, job and state, and is about to take a task.
+    HelperLoadedCall,
     /// The caller has written a call's task count and job and is about to announce it.
     CallerBeforeAnnounce,
+    /// The caller has announced a call and is about to take its tasks.
+    CallerAnnounced,
 }
 
 #[cfg(test)]
@@ -87,8 +92,12 @@ fn pause_at(sh: &Shared, point: Point) {
     }
 }
 
-/// Bits of each task count in `state`, and the most tasks one call hands out at once.
-const FIELD: u32 = 20;
+/// Bits of each task count in `state`, and the most tasks one call hands out at once (a call
+/// with more is handed out in parts). The generation takes the other 40 bits: a helper that
+/// read a call's state and then lost its core could only mistake a later call for it if
+/// exactly 2⁴⁰ calls ran in between (at ~50 ns a call, 15 hours); with 24 bits it was 2²⁴
+/// calls, under a second of small calls.
+const FIELD: u32 = 12;
 const COUNT: u64 = (1 << FIELD) - 1;
 const GENERATION: u32 = 2 * FIELD;
 
@@ -110,16 +119,22 @@ fn taken(state: u64) -> (u64, u64) {
 ///     s.spawn(|| team.run(2, &|_| {}));
 /// });
 /// ```
+/// A call made from inside another call on the same team (from `first` in
+/// [`Team::run_with`], or from a task that runs on the calling thread) runs serially on the
+/// calling thread: the team's one call slot stays with the outer call.
 pub struct Team {
     shared: Arc<Shared>,
     helper: Option<JoinHandle<()>>,
-    /// Not `Sync` (see above).
-    _one_caller: std::marker::PhantomData<std::cell::Cell<()>>,
+    /// A call is in progress (its caller is inside `run_with`). Also what makes the team not
+    /// `Sync`.
+    busy: Cell<bool>,
 }
 
 impl Team {
     /// A team of `threads` threads (clamped to 1..=2 and to the machine's cores): with 2, one
-    /// helper thread is started. The results never depend on the number of threads.
+    /// helper thread is started. The results never depend on the number of threads: every
+    /// task computes the same sums whoever runs it, and no thread of the team changes its
+    /// floating-point mode (see `kernels::flush_denormal`).
     pub fn new(threads: usize) -> Team {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let threads = threads.clamp(1, 2).min(cores);
@@ -127,7 +142,7 @@ impl Team {
             state: AtomicU64::new(0),
             tasks: AtomicUsize::new(0),
             job: AtomicPtr::new(std::ptr::null_mut()),
-            done: AtomicUsize::new(0),
+            helper_done: AtomicUsize::new(0),
             panicked: AtomicBool::new(false),
             sleeping: AtomicBool::new(false),
             quit: AtomicBool::new(false),
@@ -144,7 +159,7 @@ impl Team {
         Team {
             shared,
             helper: helper.flatten(),
-            _one_caller: std::marker::PhantomData,
+            busy: Cell::new(false),
         }
     }
 
@@ -168,33 +183,56 @@ impl Team {
     /// [`Team::run`], with `first` run on the calling thread once the helper can start on the
     /// tasks: serial work that the call's tasks do not need (a trainer drawing the next step's
     /// noise) then overlaps them, and the caller takes fewer tasks. A panic in `first` is an
-    /// error, like one in a task.
+    /// error, like one in a task. `first` may itself call the team: that call runs serially.
     pub fn run_with(
         &self,
         tasks: usize,
         f: &(dyn Fn(usize) + Sync),
         first: &mut dyn FnMut(),
     ) -> Result<()> {
-        let sh = &*self.shared;
-        sh.panicked.store(false, Ordering::Relaxed);
+        if self.busy.replace(true) {
+            // A call inside a call on this team: the outer call holds the hand-off (its
+            // state, task count and job); this one runs on the calling thread alone.
+            return run_serially(tasks, f, first);
+        }
+        /// Frees the team when its call ends, however it ends.
+        struct Free<'a>(&'a Cell<bool>);
+        impl Drop for Free<'_> {
+            fn drop(&mut self) {
+                self.0.set(false);
+            }
+        }
+        let _free = Free(&self.busy);
         let Some(helper) = self.helper.as_ref().filter(|_| tasks > 1) else {
             // One thread, or one task (not worth waking the helper): no sharing at all.
-            take_task(sh, first);
-            for i in 0..tasks {
-                take_task(sh, || f(i));
-            }
-            return outcome(sh);
+            return run_serially(tasks, f, first);
         };
-        if tasks as u64 > COUNT {
-            // More tasks than a state word counts: hand them out in parts.
-            let part = COUNT as usize;
-            for start in (0..tasks).step_by(part) {
-                let mut none = || {};
-                let part_first: &mut dyn FnMut() = if start == 0 { first } else { &mut none };
-                self.run_with(part.min(tasks - start), &|i| f(start + i), part_first)?;
-            }
-            return Ok(());
+        // More tasks than a state word counts are handed out in parts; every part runs even
+        // when an earlier one had a panicking task, and the first error is returned.
+        let part = COUNT as usize;
+        let mut outcome = Ok(());
+        let mut first = Some(first);
+        for start in (0..tasks).step_by(part) {
+            let (n, f) = (part.min(tasks - start), &|i| f(start + i));
+            let this = match first.take() {
+                Some(first) => self.run_part(helper, n, f, first),
+                None => self.run_part(helper, n, f, &mut || {}),
+            };
+            outcome = outcome.and(this);
         }
+        outcome
+    }
+
+    /// One call of at most [`COUNT`] tasks shared with the helper.
+    fn run_part(
+        &self,
+        helper: &JoinHandle<()>,
+        tasks: usize,
+        f: &(dyn Fn(usize) + Sync),
+        first: &mut dyn FnMut(),
+    ) -> Result<()> {
+        let sh = &*self.shared;
+        sh.panicked.store(false, Ordering::Relaxed);
         let job: Job<'_> = f;
         // First close the last call: its generation with every task taken. A helper still
         // inside it (it saw that call, then lost its core while this thread did all the tasks)
@@ -206,25 +244,31 @@ impl Team {
         sh.state
             .store((last << GENERATION) | (COUNT << FIELD), Ordering::SeqCst);
         // The helper reads `job` only through a task it took from this call's generation, and
-        // this function returns only after every task of it has finished (`done == tasks`):
-        // the pointer is never used after `job` goes out of scope. Release (with the helper's
-        // Acquire): a helper that reads these values also sees the closed state above.
+        // this call does not return (nor unwind: `Call`'s drop) before every task the helper
+        // took has finished: the pointer is never used after `job` goes out of scope. Release
+        // (with the helper's Acquire): a helper that reads these values also sees the closed
+        // state above.
         sh.job
             .store(&job as *const Job<'_> as *mut (), Ordering::Release);
         sh.tasks.store(tasks, Ordering::Release);
-        sh.done.store(0, Ordering::Relaxed);
+        sh.helper_done.store(0, Ordering::Relaxed);
         #[cfg(test)]
         pause_at(sh, Point::CallerBeforeAnnounce);
-        let generation =
-            ((sh.state.load(Ordering::Relaxed) >> GENERATION) + 1) & ((1 << (64 - GENERATION)) - 1);
+        let generation = (last + 1) & ((1 << (64 - GENERATION)) - 1);
         // SeqCst here and on `sleeping` (with the helper's SeqCst pair): either the helper sees
         // this generation before it parks, or this thread sees that it sleeps and wakes it.
         sh.state.store(generation << GENERATION, Ordering::SeqCst);
+        let call = Call {
+            sh,
+            helper,
+            tasks: tasks as u64,
+        };
         if sh.sleeping.swap(false, Ordering::SeqCst) {
             helper.thread().unpark();
         }
-        // The helper may start now; a panic here is caught (the tasks must still finish
-        // before `job` goes out of scope).
+        #[cfg(test)]
+        pause_at(sh, Point::CallerAnnounced);
+        // The helper may start now; a panic in `first` is caught.
         take_task(sh, first);
         // Take tasks from the front while any are left (the helper takes from the back).
         let mut state = sh.state.load(Ordering::Acquire);
@@ -241,18 +285,62 @@ impl Team {
             ) {
                 Ok(_) => {
                     take_task(sh, || f(front as usize));
-                    sh.done.fetch_add(1, Ordering::Release);
                     state = sh.state.load(Ordering::Acquire);
                 }
                 Err(now) => state = now,
             }
         }
-        // Wait for the tasks the helper took (none, if it has not woken yet).
+        call.finish()?;
+        outcome(sh)
+    }
+}
+
+/// A call the helper may be working on. It ends only once every task the helper took has
+/// finished: through [`Call::finish`], or, should the caller unwind, in its drop (as
+/// `std::thread::scope` waits for its threads), so no unwind can leave the helper running a
+/// task that borrows the caller's closure and data.
+struct Call<'a> {
+    sh: &'a Shared,
+    helper: &'a JoinHandle<()>,
+    tasks: u64,
+}
+
+impl Call<'_> {
+    /// Closes the call (no task left to take) and waits for the helper's tasks; an error if
+    /// the helper died or finished more tasks than it took (a broken hand-off: neither should
+    /// ever happen, but nothing waits for ever on it).
+    fn finish(self) -> Result<()> {
+        let outcome = self.wait();
+        std::mem::forget(self);
+        outcome
+    }
+
+    fn wait(&self) -> Result<()> {
+        let sh = self.sh;
+        // Take whatever is left from the front without running it (nothing is left after the
+        // caller's loop; something is only if the caller unwound), so `back` is final.
+        let mut state = sh.state.load(Ordering::Acquire);
+        let back = loop {
+            let (front, back) = taken(state);
+            if front + back >= self.tasks {
+                break back;
+            }
+            let closed = (state & !(COUNT << FIELD)) | ((self.tasks - back) << FIELD);
+            match sh
+                .state
+                .compare_exchange_weak(state, closed, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break back,
+                Err(now) => state = now,
+            }
+        } as usize;
         let mut spins = 0u32;
-        while sh.done.load(Ordering::Acquire) != tasks {
-            if helper.is_finished() || sh.done.load(Ordering::Acquire) > tasks {
-                // The helper died outside a task, or more tasks finished than this call has
-                // (a broken hand-off): neither should ever happen, but do not wait for ever.
+        loop {
+            let done = sh.helper_done.load(Ordering::Acquire);
+            if done == back {
+                return Ok(());
+            }
+            if done > back || self.helper.is_finished() {
                 return Err(thread_error());
             }
             spins += 1;
@@ -265,7 +353,12 @@ impl Team {
                 std::thread::yield_now();
             }
         }
-        outcome(sh)
+    }
+}
+
+impl Drop for Call<'_> {
+    fn drop(&mut self) {
+        let _ = self.wait();
     }
 }
 
@@ -290,66 +383,6 @@ pub fn threads_wanted() -> usize {
     wanted.clamp(1, 2).min(cores)
 }
 
-/// Flushes denormal floats to zero on this thread while it lives, then restores the thread's
-/// floating-point mode: training on tiny gradients and Adam moments otherwise slows to a crawl
-/// (denormal arithmetic costs ~100 cycles), and a notebook's cell thread must get its own mode
-/// back afterwards.
-pub struct FlushDenormals {
-    #[cfg(all(target_arch = "x86_64", not(miri)))]
-    saved: u32,
-}
-
-impl FlushDenormals {
-    /// Sets flush-to-zero and denormals-are-zero (x86-64; elsewhere nothing).
-    pub fn new() -> Self {
-        #[cfg(all(target_arch = "x86_64", not(miri)))]
-        {
-            let saved = mxcsr::get();
-            // FTZ (bit 15) and DAZ (bit 6).
-            mxcsr::set(saved | 0x8040);
-            FlushDenormals { saved }
-        }
-        #[cfg(not(all(target_arch = "x86_64", not(miri))))]
-        FlushDenormals {}
-    }
-}
-
-impl Default for FlushDenormals {
-    fn default() -> Self {
-        FlushDenormals::new()
-    }
-}
-
-impl Drop for FlushDenormals {
-    fn drop(&mut self) {
-        #[cfg(all(target_arch = "x86_64", not(miri)))]
-        mxcsr::set(self.saved);
-    }
-}
-
-/// The SSE control and status register of the calling thread.
-#[cfg(all(target_arch = "x86_64", not(miri)))]
-pub(crate) mod mxcsr {
-    /// Its value.
-    pub(crate) fn get() -> u32 {
-        let mut value: u32 = 0;
-        // SAFETY: stmxcsr stores the 4-byte register to the address given, a live local.
-        unsafe {
-            std::arch::asm!("stmxcsr [{}]", in(reg) &mut value, options(nostack, preserves_flags))
-        };
-        value
-    }
-
-    /// Sets it (only the rounding/flush/mask bits the callers pass, all valid values).
-    pub(crate) fn set(value: u32) {
-        // SAFETY: ldmxcsr loads 4 bytes from a live local; the values passed are a saved
-        // register value or one with FTZ/DAZ added, both valid MXCSR settings.
-        unsafe {
-            std::arch::asm!("ldmxcsr [{}]", in(reg) &value, options(nostack, preserves_flags))
-        };
-    }
-}
-
 fn thread_error() -> Error {
     Error::Dfdx(
         "a training thread stopped unexpectedly (a bug in genlab: please report it); \
@@ -365,11 +398,42 @@ fn outcome(sh: &Shared) -> Result<()> {
     Ok(())
 }
 
+/// Runs `first`, then every task, on the calling thread; an error if any panicked.
+fn run_serially(tasks: usize, f: &(dyn Fn(usize) + Sync), first: &mut dyn FnMut()) -> Result<()> {
+    let mut ok = caught(first);
+    for i in 0..tasks {
+        ok &= caught(|| f(i));
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(thread_error())
+    }
+}
+
 /// Runs one task, recording a panic instead of unwinding.
 fn take_task(sh: &Shared, task: impl FnOnce()) {
-    if catch_unwind(AssertUnwindSafe(task)).is_err() {
+    if !caught(task) {
         sh.panicked.store(true, Ordering::Release);
     }
+}
+
+/// Runs `task`; false if it panicked. Nothing unwinds out of it: a panic's payload is dropped
+/// under another `catch_unwind` (a payload whose `Drop` panics would otherwise unwind from
+/// here: rust-lang/rust#86027), and so is the payload of that panic, and so on; after a few
+/// rounds the last payload is leaked rather than dropped.
+fn caught(task: impl FnOnce()) -> bool {
+    let Err(mut payload) = catch_unwind(AssertUnwindSafe(task)) else {
+        return true;
+    };
+    for _ in 0..8 {
+        match catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+            Ok(()) => return false,
+            Err(again) => payload = again,
+        }
+    }
+    std::mem::forget(payload);
+    false
 }
 
 /// The helper's share of call `generation`: take tasks while that call has some left.
@@ -377,6 +441,8 @@ fn help(sh: &Shared, generation: u64) {
     let tasks = sh.tasks.load(Ordering::Acquire) as u64;
     let job = sh.job.load(Ordering::Acquire) as *const Job<'static>;
     let mut state = sh.state.load(Ordering::Acquire);
+    #[cfg(test)]
+    pause_at(sh, Point::HelperLoadedCall);
     while state >> GENERATION == generation {
         let (front, back) = taken(state);
         if front + back >= tasks {
@@ -388,13 +454,15 @@ fn help(sh: &Shared, generation: u64) {
         {
             Ok(_) => {
                 // SAFETY: the swap took task `tasks − 1 − back` of `generation`, so that call
-                // has not ended (its caller waits until this task is done) and `tasks`/`job`,
-                // read after seeing this generation, are its values; `job` points to the
-                // caller's live `Job`. The lifetime is only widened for the span of this task.
+                // has not ended (its caller waits, even when unwinding, until every task the
+                // helper took is done) and `tasks`/`job`, read after seeing this generation,
+                // are its values (a later call with the same state word would need 2⁴⁰ calls
+                // in between); `job` points to the caller's live `Job`. The lifetime is only
+                // widened for the span of this task.
                 let f: &(dyn Fn(usize) + Sync) = unsafe { *job };
                 let i = (tasks - 1 - back) as usize;
                 take_task(sh, || f(i));
-                sh.done.fetch_add(1, Ordering::Release);
+                sh.helper_done.fetch_add(1, Ordering::Release);
                 state = sh.state.load(Ordering::Acquire);
             }
             Err(now) => state = now,
@@ -404,8 +472,6 @@ fn help(sh: &Shared, generation: u64) {
 
 /// The helper: wait for a new call (spinning, then asleep), take its tasks.
 fn helper_loop(sh: &Shared) {
-    // This thread only ever runs the engine's tasks: it keeps flush-to-zero for its life.
-    let _ftz = FlushDenormals::new();
     let mut seen = 0u64;
     loop {
         let mut idle_since = Instant::now();
@@ -568,12 +634,11 @@ mod tests {
                 Point::HelperLeftCall => {
                     let _ = st.compare_exchange(1, 2, Ordering::SeqCst, Ordering::SeqCst);
                 }
-                Point::CallerBeforeAnnounce => {
-                    if an.fetch_add(1, Ordering::SeqCst) == 1 {
-                        st.store(1, Ordering::SeqCst);
-                        wait_for(&st, &|s| s == 2);
-                    }
+                Point::CallerBeforeAnnounce if an.fetch_add(1, Ordering::SeqCst) == 1 => {
+                    st.store(1, Ordering::SeqCst);
+                    wait_for(&st, &|s| s == 2);
                 }
+                _ => {}
             }));
             let runs: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
             let first = team.run(4, &|_| {});
@@ -637,6 +702,227 @@ mod tests {
                 .recv_timeout(deadline)
                 .expect("a team's calls never ended");
             assert!(ok, "a task ran twice or not at all, or a call failed");
+        }
+    }
+
+    /// A call made from `first` on the same team (a trainer calling the team inside
+    /// `run_with`'s serial part) runs serially and leaves the outer call intact: every task
+    /// of both runs once, both calls succeed. (Before, the inner call took over the outer
+    /// call's slot: outer tasks were skipped or ran twice, in 20 of 20 rounds, and both
+    /// returned `Ok`.)
+    #[test]
+    fn a_call_inside_a_call_runs_serially_and_leaves_the_outer_call_intact() {
+        let rounds = if cfg!(miri) { 2 } else { 20 };
+        let team = Team::new(2);
+        for _ in 0..rounds {
+            let outer: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+            let inner: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+            let mut inner_result = Ok(());
+            let outer_result = team.run_with(
+                8,
+                &|i| {
+                    std::thread::sleep(Duration::from_micros(50));
+                    outer[i].fetch_add(1, Ordering::SeqCst);
+                },
+                &mut || {
+                    inner_result = team.run(8, &|i| {
+                        inner[i].fetch_add(1, Ordering::SeqCst);
+                    });
+                },
+            );
+            assert!(outer_result.is_ok() && inner_result.is_ok());
+            let counts = |v: &[AtomicUsize]| -> Vec<usize> {
+                v.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+            };
+            assert_eq!(counts(&outer), vec![1; 8], "outer tasks");
+            assert_eq!(counts(&inner), vec![1; 8], "inner tasks");
+        }
+        // The team is free again afterwards: a plain call still shares its tasks.
+        team.run(4, &|_| {}).unwrap();
+        assert!(!team.busy.get());
+    }
+
+    /// A payload whose `Drop` panics.
+    struct PanicsOnDrop;
+    impl Drop for PanicsOnDrop {
+        fn drop(&mut self) {
+            panic!("the panic payload's drop fails on purpose");
+        }
+    }
+
+    /// A task that panics with a payload whose `Drop` panics too is an error like any other
+    /// panic: nothing unwinds out of `run` while the helper still works on the call's data.
+    /// (Before, dropping the payload unwound out of `run`, and the caller's data went away
+    /// under the helper's task: Miri reported the data race.)
+    #[test]
+    fn a_panic_whose_payload_panics_on_drop_does_not_escape() {
+        for threads in [1, 2] {
+            let team = Team::new(threads);
+            let data: Vec<usize> = (0..8).collect();
+            let sum = AtomicUsize::new(0);
+            let escaped = catch_unwind(AssertUnwindSafe(|| {
+                team.run(8, &|i| {
+                    if i == 0 {
+                        std::panic::panic_any(PanicsOnDrop);
+                    }
+                    std::thread::sleep(Duration::from_millis(1));
+                    sum.fetch_add(data[i], Ordering::SeqCst);
+                })
+            }));
+            let result = escaped.expect("a panic unwound out of Team::run");
+            assert!(result.is_err(), "the panicking task is an error");
+            assert_eq!(sum.load(Ordering::SeqCst), (1..8).sum::<usize>());
+            team.run(3, &|_| {}).unwrap();
+        }
+    }
+
+    /// A call of more tasks than one state word counts runs in parts; a panicking task in
+    /// one part leaves every other task of every part to run, and the call is an error.
+    /// (Before, the parts after the failing one were abandoned.)
+    #[test]
+    fn a_call_in_parts_runs_every_part_when_one_task_panics() {
+        let tasks = 2 * COUNT as usize + 5;
+        let team = Team::new(2);
+        let ran = AtomicUsize::new(0);
+        let result = team.run(tasks, &|i| {
+            assert!(i != 7, "task 7 fails on purpose");
+            ran.fetch_add(1, Ordering::Relaxed);
+        });
+        assert!(result.is_err());
+        assert_eq!(ran.load(Ordering::Relaxed), tasks - 1);
+    }
+
+    /// A helper that read a call's state and then lost its core for exactly 2²⁴ calls finds
+    /// a later call with a different state word: it takes none of that call's tasks with the
+    /// old call's task count and job. (With a 24-bit generation its compare-and-swap
+    /// succeeded: it ran task 7 of an 8-task call through the old call's job pointer, and
+    /// the new call's task 3
+    /// never ran.) The hooks hold the helper after it has read
+    /// call 1, run 2²⁴ calls on the caller alone, and release the helper when call 2²⁴ + 1
+    /// is announced, before the caller takes any of its tasks.
+    #[test]
+    #[cfg_attr(miri, ignore = "2²⁴ calls")]
+    fn a_helper_held_for_2_pow_24_calls_takes_nothing_of_a_later_call() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let owner = std::thread::spawn(move || {
+            let team = Team::new(2);
+            if team.threads() == 1 {
+                let _ = tx.send(None);
+                return;
+            }
+            // 0: hold the helper at its next read of a call; 1: held; 2: let it go; 3: it
+            // has left that call.
+            let stage = Arc::new(AtomicUsize::new(0));
+            let announced = Arc::new(AtomicU64::new(0));
+            let (st, an) = (Arc::clone(&stage), Arc::clone(&announced));
+            let wait_for = |st: &AtomicUsize, want: usize| {
+                let start = Instant::now();
+                while st.load(Ordering::SeqCst) < want && start.elapsed() < Duration::from_secs(20)
+                {
+                    std::thread::yield_now();
+                }
+            };
+            *team.shared.pause.lock().unwrap() = Some(Arc::new(move |point| match point {
+                Point::HelperLoadedCall
+                    if st
+                        .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                        .is_ok() =>
+                {
+                    wait_for(&st, 2);
+                }
+                Point::HelperLeftCall => {
+                    let _ = st.compare_exchange(2, 3, Ordering::SeqCst, Ordering::SeqCst);
+                }
+                Point::CallerAnnounced => {
+                    let call = an.fetch_add(1, Ordering::SeqCst) + 1;
+                    if call == 1 {
+                        wait_for(&st, 1);
+                    } else if call == (1 << 24) + 1 {
+                        st.store(2, Ordering::SeqCst);
+                        wait_for(&st, 3);
+                    }
+                }
+                _ => {}
+            }));
+            let old: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+            let mut ok = team
+                .run(8, &|i| {
+                    old[i].fetch_add(1, Ordering::SeqCst);
+                })
+                .is_ok();
+            for _ in 1..1 << 24 {
+                ok &= team.run(2, &|_| {}).is_ok();
+            }
+            // Fewer tasks than the first call: a stale task count shows as a task index
+            // this call does not have.
+            let new: Vec<AtomicUsize> = (0..8).map(|_| AtomicUsize::new(0)).collect();
+            ok &= team
+                .run(4, &|i| {
+                    new[i].fetch_add(1, Ordering::SeqCst);
+                })
+                .is_ok();
+            *team.shared.pause.lock().unwrap() = None;
+            let counts = |v: &[AtomicUsize]| -> Vec<usize> {
+                v.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+            };
+            let _ = tx.send(Some((
+                ok,
+                counts(&old),
+                counts(&new),
+                stage.load(Ordering::SeqCst),
+            )));
+        });
+        let got = rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the calls never ended");
+        owner.join().unwrap();
+        let Some((ok, old, new, stage)) = got else {
+            return; // one core: no helper to hold
+        };
+        assert_eq!(stage, 3, "the helper was not held and released as planned");
+        assert!(ok, "a call failed");
+        assert_eq!(old, vec![1; 8], "each task of the first call runs once");
+        assert_eq!(
+            new,
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            "each task of the last call runs once"
+        );
+    }
+
+    /// Every thread of a team computes in the default floating-point mode: a denormal result
+    /// is the same bits whichever thread computes it. (Before, the helper flushed denormals
+    /// to zero for its whole life: ½·`f32::MIN_POSITIVE` was 0x400000 on the caller and 0 on
+    /// the helper, in one call.)
+    #[test]
+    fn a_denormal_result_is_the_same_on_either_thread() {
+        let team = Team::new(2);
+        let caller = std::thread::current().id();
+        let half = std::hint::black_box(0.5f32);
+        let on_helper = AtomicUsize::new(0);
+        // Until the helper has taken some tasks (a call can end before it wakes).
+        for _ in 0..200 {
+            let results: Vec<AtomicU64> = (0..16).map(|_| AtomicU64::new(0)).collect();
+            team.run(16, &|i| {
+                std::thread::sleep(Duration::from_micros(20));
+                let tiny = std::hint::black_box(f32::MIN_POSITIVE) * half;
+                if std::thread::current().id() != caller {
+                    on_helper.fetch_add(1, Ordering::Relaxed);
+                }
+                results[i].store(u64::from(tiny.to_bits()), Ordering::Relaxed);
+            })
+            .unwrap();
+            for r in &results {
+                assert_eq!(r.load(Ordering::Relaxed), 0x0040_0000, "½·MIN_POSITIVE");
+            }
+            if on_helper.load(Ordering::Relaxed) > 0 {
+                break;
+            }
+        }
+        if team.threads() == 2 {
+            assert!(
+                on_helper.load(Ordering::Relaxed) > 0,
+                "no task ran on the helper"
+            );
         }
     }
 

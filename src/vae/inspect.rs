@@ -212,7 +212,6 @@ impl Vae {
         let (mut m1, mut m2) = (vec![0.0f32; theta.len()], vec![0.0f32; theta.len()]);
         let mut decoder = Mlp::from_state(self.decoder.state())?;
         let team = team_for(n * DRAWS);
-        let _ftz = crate::mlp::FlushDenormals::new();
         let mut rng = StdRng::seed_from_u64(seed);
         let x_rep: Vec<f32> = x
             .chunks_exact(PIXELS)

@@ -468,7 +468,6 @@ impl Vae {
         let start = self.history.len();
         let mut watch = crate::train::Watch::start(&self.limits)?;
         let team = Team::default_size();
-        let _ftz = crate::mlp::FlushDenormals::new();
         let mut last_print: Option<std::time::Instant> = None;
         for e in 0..epochs {
             if watch.out_of_time() {
@@ -523,7 +522,6 @@ impl Vae {
     /// The loss of every step is in `step_losses`.
     pub fn train_epochs_only(&mut self, epochs: usize) -> Result<(f64, f64, f64)> {
         let team = Team::default_size();
-        let _ftz = crate::mlp::FlushDenormals::new();
         let mut last = (f64::NAN, f64::NAN, f64::NAN);
         for _ in 0..epochs {
             last = self.epoch(&team)?;
