@@ -281,6 +281,46 @@ fn setup_fonts() -> Result<()> {
     )
 }
 
+/// Debian's packages for the ARM lane of `cargo xtask test`: a linker for aarch64 and user-mode
+/// emulation to run its test binaries (`.cargo/config.toml` names both).
+const ARM_PACKAGES: [&str; 3] = [
+    "gcc-aarch64-linux-gnu",
+    "libc6-dev-arm64-cross",
+    "qemu-user",
+];
+const ARM_TARGET: &str = "aarch64-unknown-linux-gnu";
+
+/// What the test command's ARM lane needs: the aarch64 standard library (rustup) and
+/// `ARM_PACKAGES` (apt-get, as root; otherwise the line to run).
+fn setup_arm() -> Result<()> {
+    let have = |cmd: &str| Command::new(cmd).arg("--version").output().is_ok();
+    if !(have("aarch64-linux-gnu-gcc") && have("qemu-aarch64")) {
+        let install = format!("apt-get install -y {}", ARM_PACKAGES.join(" "));
+        if !is_root() {
+            return Err(format!(
+                "the test command's ARM lane needs a cross linker and qemu: sudo apt-get update && sudo {install}"
+            ));
+        }
+        println!(
+            "[setup] installing {} (the ARM lane)",
+            ARM_PACKAGES.join(", ")
+        );
+        status(Command::new("apt-get").args(["update", "-qq"]))?;
+        status(
+            Command::new("apt-get")
+                .args(["install", "-y", "-qq", "--no-install-recommends"])
+                .args(ARM_PACKAGES)
+                .env("DEBIAN_FRONTEND", "noninteractive"),
+        )?;
+    }
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]));
+    if !installed.is_some_and(|list| list.lines().any(|l| l.trim() == ARM_TARGET)) {
+        println!("[setup] adding the {ARM_TARGET} standard library (rustup)");
+        status(Command::new("rustup").args(["target", "add", ARM_TARGET]))?;
+    }
+    Ok(())
+}
+
 /// genlab's patch to the published evcxr and evcxr_jupyter sources: a cell's reply waits until
 /// its stdout and stderr have gone out (see the patch's header).
 const EVCXR_PATCH: &str = include_str!("../evcxr-0.22.0-genlab.patch");
@@ -640,7 +680,8 @@ fn test(root: &Path) -> Result<()> {
     })
     .and_then(|miri| {
         lanes.push(miri);
-        setup(root, false)
+        setup(root, false)?;
+        setup_arm()
     })
     .and_then(|_| {
         let cargo_root = root.to_path_buf();
@@ -706,6 +747,29 @@ fn cargo_tests(root: &Path, run: &mut Runner) -> Result<()> {
     run.run(&mut cmd)?;
     println!(
         "[test] cargo test --features portable: passed at {:.1} s",
+        run.elapsed()
+    );
+    // The build an ARM laptop compiles (aarch64: the portable kernel, no x86 code at all):
+    // every test compiles for it, and the library's tests run under qemu's user-mode
+    // emulation (~100 s with the dfdx gradient comparison, which trains a VAE under
+    // emulation for over a minute and checks the same portable kernel the build above runs
+    // natively, so it is left out here).
+    let mut cmd = run.command("cargo");
+    cmd.args(["test", "-p", "genlab", "--target", ARM_TARGET])
+        .args(["--lib", "--tests", "--no-run"])
+        .current_dir(root);
+    run.run(&mut cmd)?;
+    let mut cmd = run.command("cargo");
+    cmd.args(["test", "-p", "genlab", "--target", ARM_TARGET, "--lib"])
+        .args([
+            "--",
+            "--skip",
+            "vae::tests::engine_gradient_equals_dfdx_autodiff",
+        ])
+        .current_dir(root);
+    run.run(&mut cmd)?;
+    println!(
+        "[test] aarch64: every test compiles, the library's tests pass under qemu, at {:.1} s",
         run.elapsed()
     );
     Ok(())
@@ -797,21 +861,22 @@ fn miri(root: &Path, run: &mut Runner) -> Result<()> {
     let nextest = output(Command::new("cargo").args(["nextest", "--version"])).is_some();
     let miri_dir = root.join("miri");
     // Each run tests its own kernel (the kernel tests under Miri take only the newest kernel
-    // the build enables). The engine's own tests (`mlp::tests`, which train ReLU networks)
-    // run once, with the AVX2 kernel: their unsafe code is the same with every kernel, and
+    // the build enables). The engine's own tests (`mlp::`: the networks, which train ReLU
+    // networks, the team and the aligned buffers) run once, with the AVX2 kernel: their
+    // unsafe code is the same with every kernel, and
     // Miri has no 512-bit max or compare, which the AVX-512 kernel's (leaky) ReLU epilogues
     // use (the kernel tests skip those epilogues under Miri). That run also shows Miri two
     // cores, so that every `Team` there has its helper thread and Miri checks the hand-off
     // between the two threads for data races (with one core, as Miri reports by default, a
     // team runs everything on the caller): +7 s.
     for (name, rustflags, features, skip) in [
-        ("portable", "", Some("portable"), Some("mlp::tests::")),
+        ("portable", "", Some("portable"), Some("mlp::")),
         ("avx2", "-C target-feature=+avx2,+fma", None, None),
         (
             "avx512",
             "-C target-feature=+avx512f,+avx2,+fma",
             None,
-            Some("mlp::tests::"),
+            Some("mlp::"),
         ),
     ] {
         let mut cmd = run.command("cargo");
