@@ -54,14 +54,14 @@ pub fn rng(seed: u64) -> Rng {
 
 /// This crate's version (a notebook's setup cell binds it; see the README on cell timings).
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
-pub use error::{check, Error, Result};
+pub use error::{check, demo, strict, Error, Result, DEMO_NOTE};
 
 /// Everything a notebook needs, in one `use genlab::prelude::*;`.
 pub mod prelude {
     pub use crate::bayes::{self, Beta, NormalNormal};
     pub use crate::data::{self, Batches, Digits, Images, Points, Scale};
     pub use crate::diffusion::{Ddpm, DdpmConfig, Mixture1d, NoiseSchedule, Schedule};
-    pub use crate::error::{check, Error, Result};
+    pub use crate::error::{check, demo, strict, Error, Result};
     pub use crate::gan::{Gan, GanConfig, GanData, GanLoss, GenOutput};
     pub use crate::math::{linspace, ln_beta, ln_gamma, logsumexp, normal_pdf, simpson, trapezoid};
     pub use crate::plot::{Corner, Figure, Png};

@@ -1010,7 +1010,8 @@ fn the_gan_resumes_from_its_autosave_exactly() {
     assert!(gan.train(5).unwrap().is_empty());
 }
 
-/// Training flushes denormals on its own threads only: the caller's MXCSR is the same after.
+/// Training never changes a thread's floating-point mode: the caller's MXCSR is the same after
+/// (the engine flushes Adam's denormal moments in software instead).
 #[cfg(target_arch = "x86_64")]
 #[test]
 fn training_leaves_the_callers_floating_point_mode_alone() {

@@ -145,6 +145,8 @@ MARKER = "genlab_cell_ran"
 MARKER_LINE = re.compile(r"^genlab_cell_ran: \[\(\); (\d+)\]$", re.M)
 COMMAND_LINE = re.compile(r"^ *:|^!")
 RAISES = "raises-error"
+# The first words of a demonstration's note (genlab::DEMO_NOTE, src/error.rs).
+DEMO_NOTE = "⚠ 演示没有成立 (demonstration did not hold)"
 # How long a failed cell's error message may take to arrive after the cell's reply.
 ERROR_WAIT = 10.0
 
@@ -320,10 +322,23 @@ class CellRunner:
         run_sync(self._read)(cell, index, self.last_parents, time.monotonic() + seconds, lambda m: False)
 
 
-def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False):
+def demo_notes(cell):
+    """The notes of demonstrations that did not hold (lenient mode) in a cell's stdout."""
+    notes = []
+    for out in cell.get("outputs", []):
+        if out.get("output_type") == "stream" and out.get("name") == "stdout":
+            text = out.get("text", "")
+            text = "".join(text) if isinstance(text, list) else text
+            notes += [line for line in text.splitlines() if line.startswith(DEMO_NOTE)]
+    return notes
+
+
+def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False, strict=None):
     """Executes one notebook; returns (passed, wall seconds, per-cell records).
 
-    Stops at the first failing cell, unless `keep_going` (the failure check uses it)."""
+    Stops at the first failing cell, unless `keep_going` (the failure check uses it). `strict`:
+    True or False sets GENLAB_STRICT for the kernel (a demonstration that does not hold is then
+    an error, or a note); None leaves the environment's setting."""
     nb = nbformat.read(path, as_version=4)
     applied = inject(nb, overrides, path)
     required = nb.metadata.get("genlab", {}).get("require_stdout")
@@ -333,8 +348,11 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
     out_dir.mkdir(parents=True)
     os.environ["GENLAB_EXPORT_DIR"] = str(out_dir.resolve())
     os.environ["GENLAB_AUTO_EXPORT"] = "1"
+    if strict is not None:
+        os.environ["GENLAB_STRICT"] = "1" if strict else "0"
+    mode = "strict" if os.environ.get("GENLAB_STRICT", "") not in ("", "0") else "lenient"
     shown = ", ".join(f"{k}={v}" for k, v in applied.items())
-    print(f"== {path}" + (f" (parameters: {shown})" if shown else ""), flush=True)
+    print(f"== {path} ({mode}" + (f"; parameters: {shown})" if shown else ")"), flush=True)
 
     client = NotebookClient(nb, kernel_name=kernel, timeout=timeout, startup_timeout=120,
                             allow_errors=True, resources={"metadata": {"path": str(path.parent.resolve())}})
@@ -361,12 +379,15 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
                 text = error_text(cell)
                 why = crashed or verdict(cell, probe["ran_to_end"])
                 mark = "raised as expected" if expects_error and not why else ""
+                notes = demo_notes(cell)
                 records.append({"cell": index, "seconds": round(seconds, 3), "first_line": first,
                                 "ran_to_end": probe["ran_to_end"], "error_at_idle": probe["error_at_idle"],
                                 "probe_seconds": probe["probe_seconds"],
-                                "expects_error": expects_error, "failed": bool(why)})
+                                "expects_error": expects_error, "failed": bool(why), "notes": notes})
                 print(f"   cell {index:>3}  {seconds:7.2f} s  {first}" + (f"  [{mark}]" if mark else ""),
                       flush=True)
+                for note in notes:
+                    print(f"            {note}", flush=True)
                 if why:
                     failures.append((index, cell.source, why if why == text else f"{why}\n{text}".strip()))
                     if not keep_going or crashed:
@@ -387,7 +408,8 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
                     out.execution_count = number
     nbformat.write(nb, out_dir / path.name)
     (out_dir / "timings.json").write_text(json.dumps(
-        {"notebook": path.name, "wall_seconds": round(wall, 2), "parameters": applied, "cells": records},
+        {"notebook": path.name, "wall_seconds": round(wall, 2), "parameters": applied, "mode": mode,
+         "cells": records},
         indent=1))
     figures = sorted(p.name for p in out_dir.iterdir() if p.suffix in (".png", ".svg"))
     if failures:
@@ -398,7 +420,9 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
                 print("---- cell source ----\n" + source, file=sys.stderr)
             print("---- error ----\n" + text, file=sys.stderr)
         return False, wall, records
-    print(f"ok     {path.name}: {wall:.1f} s, {len(figures)} figure files in {out_dir}", flush=True)
+    noted = sum(len(r["notes"]) for r in records)
+    print(f"ok     {path.name}: {wall:.1f} s, {len(figures)} figure files in {out_dir}"
+          + (f", {noted} demonstration(s) did not hold (noted above)" if noted else ""), flush=True)
     return True, wall, records
 
 
@@ -410,6 +434,11 @@ def main():
     p.add_argument("--export-root", type=Path, default=Path("exports"))
     p.add_argument("--kernel", default="genlab-rust")
     p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--strict", dest="strict", action="store_true", default=None,
+                      help="a demonstration that does not hold is an error (GENLAB_STRICT=1)")
+    mode.add_argument("--lenient", dest="strict", action="store_false",
+                      help="a demonstration that does not hold is a note (GENLAB_STRICT=0)")
     args = p.parse_args()
 
     cli = {}
@@ -442,7 +471,8 @@ def main():
 
     passed = failed = 0
     for path, overrides in plans:
-        ok, _, _ = run_notebook(path, overrides, args.export_root, args.kernel, args.timeout)
+        ok, _, _ = run_notebook(path, overrides, args.export_root, args.kernel, args.timeout,
+                                strict=args.strict)
         passed, failed = passed + ok, failed + (not ok)
     print(f"notebooks: {passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

@@ -272,6 +272,17 @@ class Verdict(unittest.TestCase):
         cells = [executed("a", ("stdout", "one\n"), ("stderr", "x\n")), executed("b", ("stdout", "two\n"))]
         self.assertEqual(stdout_text(cells), "one\ntwo\n")
 
+    def test_demonstration_notes_are_read_from_stdout_only(self):
+        note = f"{nbrun.DEMO_NOTE}: JS 0.05 -> 0.06"
+        cell = executed("demo(..)?;", ("stdout", f"x = 1\n{note}\n    为什么 (why): ...\n"),
+                        ("stderr", f"{nbrun.DEMO_NOTE}: not a note\n"))
+        self.assertEqual(nbrun.demo_notes(cell), [note])
+        self.assertEqual(nbrun.demo_notes(executed("a", ("stdout", "ok\n"))), [])
+
+    def test_the_note_marker_is_the_crates(self):
+        error_rs = (Path(__file__).parent.parent / "src/error.rs").read_text()
+        self.assertIn(f'pub const DEMO_NOTE: &str = "{nbrun.DEMO_NOTE}";', error_rs)
+
 
 class FakeEvcxr:
     """A kernel client that behaves like evcxr 0.22 as the runner sees it: a cell whose code
