@@ -20,6 +20,9 @@
 //! The defaults are workload W2 (`gan-ring`): both networks 2 → 128 → 128 → 2 (or 1),
 //! Adam 2e-4 with betas (0.5, 0.999), batch 256, 5,000 iterations, the non-saturating loss.
 
+mod dirac;
+pub use dirac::{dirac_gan, DiracUpdate};
+
 use crate::data::{check_rows, load_digits, Scale};
 use crate::error::{ensure, Error, Result};
 use crate::loss::bce_with_logits;
