@@ -1368,6 +1368,21 @@ impl Gan {
     }
 }
 
+/// Which run to show when a chapter pictures "the worst seed": the index of the fewest modes in
+/// `modes` (one count per run, as [`RingMetrics::modes`] gives them, here as `f64` so that a
+/// notebook's table of results passes as it is), the lowest index on a tie, and `None` when
+/// `modes` is empty (no run, nothing to show). A NaN counts as more modes than any number.
+pub fn worst_seed(modes: &[f64]) -> Option<usize> {
+    modes
+        .iter()
+        .enumerate()
+        .min_by(|(_, a), (_, b)| {
+            a.partial_cmp(b)
+                .unwrap_or_else(|| a.is_nan().cmp(&b.is_nan()))
+        })
+        .map(|(i, _)| i)
+}
+
 /// A grid of ring snapshots in one figure: each snapshot's D(x) surface as a heatmap tile (one
 /// colour scale for all tiles, so a flattening D shows as a fading contrast), its samples on
 /// top, `cols` tiles a row, left to right then top to bottom. Each tile spans [−3, 3]².
@@ -1500,6 +1515,17 @@ fn team_for(rows: usize) -> Team {
 mod tests {
     use super::*;
     use rand::RngCore as _;
+
+    #[test]
+    fn worst_seed_is_the_fewest_modes_lowest_index_on_ties() {
+        assert_eq!(worst_seed(&[]), None);
+        assert_eq!(worst_seed(&[8.0]), Some(0));
+        assert_eq!(worst_seed(&[8.0, 8.0]), Some(0));
+        assert_eq!(worst_seed(&[8.0, 5.0, 5.0]), Some(1));
+        assert_eq!(worst_seed(&[7.0, 8.0, 3.0, 6.0]), Some(2));
+        assert_eq!(worst_seed(&[f64::NAN, 6.0]), Some(1));
+        assert_eq!(worst_seed(&[6.0, f64::NAN, 6.0]), Some(0));
+    }
 
     #[test]
     fn ring_metrics_count_modes_and_quality() {
