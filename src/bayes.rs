@@ -162,10 +162,28 @@ pub fn likelihood_integral(heads: u64, tails: u64, intervals: usize) -> f64 {
 /// It works in log space: ℓᵢ = ln p(x | θᵢ) + ln p(θᵢ), then exp(ℓᵢ − maxⱼ ℓⱼ) before
 /// normalising, so the peak is 1 however many flips there are (in linear space every value
 /// underflows to 0 beyond about 1,200 flips at θ ≈ 0.7).
+///
+/// The posterior is Beta(a + h, b + t); with a + h < 1 (or b + t < 1) its density is infinite
+/// at θ = 0 (or 1), which no grid value can hold: such an end point gets weight 0, and the grid
+/// posterior is then a poor approximation near that end (chapter 1's grid check says so).
 pub fn grid_posterior(grid: &[f64], prior: &Beta, heads: u64, tails: u64) -> Result<Vec<f64>> {
+    // One exponent per side, so that θ⁰ = 1 even where a − 1 and h cancel (ln 0 · 0).
+    let (up, down) = (prior.a - 1.0 + heads as f64, prior.b - 1.0 + tails as f64);
+    let term = |power: f64, base: f64| if power == 0.0 { 0.0 } else { power * base.ln() };
     let logs: Vec<f64> = grid
         .iter()
-        .map(|&t| bernoulli_log_likelihood(t, heads, tails) + prior.ln_pdf(t))
+        .map(|&t| {
+            let l = if (0.0..=1.0).contains(&t) {
+                term(up, t) + term(down, 1.0 - t)
+            } else {
+                f64::NEG_INFINITY
+            };
+            if l.is_nan() || l == f64::INFINITY {
+                f64::NEG_INFINITY
+            } else {
+                l
+            }
+        })
         .collect();
     let max = logs.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     normalise_on_grid(grid, logs.iter().map(|l| (l - max).exp()).collect())
@@ -354,6 +372,35 @@ impl NormalNormal {
 mod tests {
     use super::*;
     use crate::math::{linspace, normal_pdf};
+
+    /// A prior with a, b < 1 and no heads (or no tails) has a posterior whose density is
+    /// infinite at an end point: the grid posterior gives that point weight 0 instead of an
+    /// error (it was ∞ − ∞ = NaN there), and still integrates to 1.
+    #[test]
+    fn grid_posterior_with_an_infinite_end_point_is_finite() {
+        let grid = linspace(0.0, 1.0, 11);
+        let prior = Beta::new(0.5, 0.5).unwrap();
+        for (h, t) in [(0, 0), (0, 3), (3, 0), (2, 2)] {
+            let p = grid_posterior(&grid, &prior, h, t).unwrap();
+            assert!(
+                p.iter().all(|v| v.is_finite() && *v >= 0.0),
+                "{h} {t}: {p:?}"
+            );
+            assert!((trapezoid(&grid, &p) - 1.0).abs() < 1e-12);
+        }
+        // Where the density is finite everywhere, nothing changes: Beta(3, 2) from Beta(2, 2).
+        let p = grid_posterior(
+            &linspace(0.0, 1.0, 2001),
+            &Beta::new(2.0, 2.0).unwrap(),
+            1,
+            0,
+        )
+        .unwrap();
+        let exact = Beta::new(3.0, 2.0).unwrap();
+        for (i, t) in linspace(0.0, 1.0, 2001).iter().enumerate().step_by(100) {
+            assert!((p[i] - exact.pdf(*t)).abs() < 1e-5, "{t}");
+        }
+    }
 
     #[test]
     fn evidence_closed_form_matches_quadrature() {
