@@ -39,8 +39,8 @@ pub const MAX_STEPS: usize = 100_000;
 /// How β_t grows with t.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
 pub enum Schedule {
-    /// β_t linear from `beta_start` (t = 1) to `beta_end` (t = T) (Ho et al.; W3 uses 1e-4 to
-    /// 0.02).
+    /// β_t linear from `beta_start` (t = 1) to `beta_end` (t = T) (Ho et al.; W3 uses 5e-4 to
+    /// 0.1 at T = 200).
     Linear {
         /// β_1.
         beta_start: f64,
@@ -56,8 +56,28 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// W3's schedule: linear from 1e-4 to 0.02.
+    /// W3's schedule (W3 v2): linear from 5e-4 to 0.1 over T = 200 steps, i.e. Ho et al.'s
+    /// 1e-4 to 0.02 for T = 1,000 scaled by 1000/T ([`Schedule::linear_scaled`]`(200)`), so
+    /// ᾱ_T ≈ 3e-5 and x_T is noise.
     pub fn w3() -> Schedule {
+        Schedule::linear_scaled(200)
+    }
+
+    /// Ho et al.'s linear schedule (1e-4 to 0.02 at T = 1,000) scaled to `steps` steps: β from
+    /// 1e-4·1000/T to 0.02·1000/T, so that ᾱ_T is about as small at any T (3e-5 at T = 200:
+    /// x_T is noise). At T = 200 this is W3 v2's 5e-4 to 0.1.
+    pub fn linear_scaled(steps: usize) -> Schedule {
+        let scale = 1000.0 / steps.max(1) as f64;
+        Schedule::Linear {
+            beta_start: 1e-4 * scale,
+            beta_end: 0.02 * scale,
+        }
+    }
+
+    /// W3 v1, a misconfiguration kept to learn from: Ho et al.'s 1e-4 to 0.02, which is meant
+    /// for T = 1,000, used at T = 200, where it leaves ᾱ_T ≈ 0.13 (x_T still holds 36 % of
+    /// x_0's amplitude, so N(0, I) is not q(x_T)).
+    pub fn w3_v1() -> Schedule {
         Schedule::Linear {
             beta_start: 1e-4,
             beta_end: 0.02,
@@ -246,6 +266,30 @@ impl Mixture1d {
             .zip(&self.stds)
             .map(|((w, m), s)| w * crate::math::normal_pdf(x, *m, *s))
             .sum()
+    }
+
+    /// The score ∇ₓ log p(x) = Σₖ πₖ N(x; μₖ, σₖ²)·(μₖ − x)/σₖ² / p(x), in closed form
+    /// (0 where p(x) underflows to 0).
+    pub fn score(&self, x: f64) -> f64 {
+        let (mut weighted, mut total) = (0.0, 0.0);
+        for ((w, m), s) in self.weights.iter().zip(&self.means).zip(&self.stds) {
+            let density = w * crate::math::normal_pdf(x, *m, *s);
+            weighted += density * (m - x) / (s * s);
+            total += density;
+        }
+        if total > 0.0 {
+            weighted / total
+        } else {
+            0.0
+        }
+    }
+
+    /// The best possible noise prediction for x_t = √ᾱ x_0 + √(1 − ᾱ) ε with x_0 from this
+    /// mixture: ε*(x_t) = E[ε | x_t] = −√(1 − ᾱ) ∇log q(x_t) (Tweedie's formula), q the mixture
+    /// noised to ᾱ. What a DDPM's ε_θ(x_t, t) approximates: its training loss is minimised
+    /// there.
+    pub fn optimal_eps(&self, alpha_bar: f64, x_t: f64) -> Result<f64> {
+        Ok(-(1.0 - alpha_bar).sqrt() * self.noised(alpha_bar)?.score(x_t))
     }
 
     /// n draws with the given seed.
@@ -597,6 +641,28 @@ impl Ddpm {
         self.dim
     }
 
+    /// The trained network's noise prediction ε_θ(x_t, t) for rows of `dim` values at step t
+    /// (1..=T): what the sampler subtracts, and what approximates the optimal
+    /// ε*(x_t) = −√(1 − ᾱ_t) ∇log q(x_t) (see [`Mixture1d::optimal_eps`]).
+    pub fn predict_eps(&self, x_t: &[f32], t: usize) -> Result<Vec<f32>> {
+        let big_t = self.config.steps;
+        ensure(
+            (1..=big_t).contains(&t),
+            "t",
+            t,
+            &format!("a step from 1 to T = {big_t}"),
+        )?;
+        let (d, e) = (self.dim, self.config.embedding);
+        check_rows("predict_eps (x_t)", x_t, d)?;
+        let emb = &self.embeddings[(t - 1) * e..t * e];
+        let mut input = Vec::with_capacity(x_t.len() / d * (d + e));
+        for x in x_t.chunks_exact(d) {
+            input.extend_from_slice(x);
+            input.extend_from_slice(emb);
+        }
+        self.denoiser.predict(&team_for(x_t.len() / d), &input)
+    }
+
     /// The training rows.
     pub fn data(&self) -> &[f32] {
         &self.data
@@ -809,6 +875,19 @@ impl Ddpm {
         Ok(self.sample_trajectory(n, seed, &[])?.0)
     }
 
+    /// [`Ddpm::sample`], with the estimate x̂_0 = (x_t − √(1 − ᾱ_t) ε̂)/√ᾱ_t also clipped at
+    /// every step when `clip_each_step` (and ε̂ replaced by the noise the clipped x̂_0 implies,
+    /// as [`Ddpm::sample_ddim_clipping`] does; the mean is then q(x_{t−1} | x_t, x̂_0)'s, as in
+    /// Ho et al.'s code): the like-for-like comparison with DDIM, which clips every step.
+    pub fn sample_clipping(
+        &mut self,
+        n: usize,
+        seed: u64,
+        clip_each_step: bool,
+    ) -> Result<Vec<f32>> {
+        Ok(self.ancestral(n, seed, &[], clip_each_step)?.0)
+    }
+
     /// [`Ddpm::sample`], also returning x_t (unclipped) at each t of `keep` (t = T is x_T,
     /// t = 0 the final samples before clipping), in the order of `keep`.
     pub fn sample_trajectory(
@@ -816,6 +895,16 @@ impl Ddpm {
         n: usize,
         seed: u64,
         keep: &[usize],
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        self.ancestral(n, seed, keep, false)
+    }
+
+    fn ancestral(
+        &mut self,
+        n: usize,
+        seed: u64,
+        keep: &[usize],
+        clip_each_step: bool,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
         ensure(
             (1..=crate::mlp::MAX_ROWS).contains(&n),
@@ -868,9 +957,19 @@ impl Ddpm {
             let c_eps = (beta / (1.0 - ab).sqrt() / alpha.sqrt()) as f32;
             let sigma = if t > 1 { beta.sqrt() as f32 } else { 0.0 };
             let eps_hat = self.denoiser.infer(&team, &input)?;
+            let clip = self.config.clip.filter(|_| clip_each_step);
+            let (s, inv_a) = ((1.0 - ab).sqrt() as f32, (1.0 / ab.sqrt()) as f32);
             for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
                 for j in 0..d {
-                    row[j] = c_x * row[j] - c_eps * eh[j];
+                    let eps = match clip {
+                        // x̂_0 clipped, and the noise it implies in place of ε̂.
+                        Some(c) if ((row[j] - s * eh[j]) * inv_a).abs() > c => {
+                            let x0 = ((row[j] - s * eh[j]) * inv_a).clamp(-c, c);
+                            (row[j] - x0 / inv_a) / s
+                        }
+                        _ => eh[j],
+                    };
+                    row[j] = c_x * row[j] - c_eps * eps;
                 }
                 if sigma > 0.0 {
                     for v in &mut row[..d] {
@@ -908,7 +1007,7 @@ impl Ddpm {
 
     /// `n` draws of x_T from the Gaussian that matches q(x_T) coordinate by coordinate:
     /// N(√ᾱ_T m_j, ᾱ_T s_j² + 1 − ᾱ_T), with m_j and s_j² the training data's mean and variance
-    /// of coordinate j. When ᾱ_T is not near 0 (W3: ᾱ_T ≈ 0.13), N(0, I) is a poor stand-in for
+    /// of coordinate j. When ᾱ_T is not near 0 (W3 v1: ᾱ_T ≈ 0.13), N(0, I) is a poor stand-in for
     /// q(x_T); DDPM's added noise forgives it, deterministic DDIM carries the mismatch to x_0.
     pub fn matched_start(&self, n: usize, seed: u64) -> Result<Vec<f32>> {
         ensure(
@@ -943,8 +1042,21 @@ impl Ddpm {
     }
 
     /// Deterministic DDIM as in [`Ddpm::sample_ddim`], from the given x_T (rows of `dim`
-    /// values): the same x_T always gives the same samples.
+    /// values): the same x_T always gives the same samples. x̂_0 is clipped to the config's
+    /// `clip` at every step (and the final x_0 too).
     pub fn sample_ddim_from(&mut self, x_t: &[f32], steps: usize) -> Result<Vec<f32>> {
+        self.sample_ddim_clipping(x_t, steps, true)
+    }
+
+    /// [`Ddpm::sample_ddim_from`], with x̂_0 clipped at every step (`clip_each_step`, as
+    /// `sample_ddim_from` does) or only the final x_0, as [`Ddpm::sample`] clips DDPM's: the
+    /// like-for-like comparison of the two samplers.
+    pub fn sample_ddim_clipping(
+        &mut self,
+        x_t: &[f32],
+        steps: usize,
+        clip_each_step: bool,
+    ) -> Result<Vec<f32>> {
         let big_t = self.config.steps;
         ensure(
             (1..=big_t).contains(&steps),
@@ -964,7 +1076,7 @@ impl Ddpm {
         for (row, x) in input.chunks_exact_mut(d + e).zip(x_t.chunks_exact(d)) {
             row[..d].copy_from_slice(x);
         }
-        let clip = self.config.clip;
+        let clip = self.config.clip.filter(|_| clip_each_step);
         for i in (0..steps).rev() {
             let t = taus[i];
             let ab = self.schedule.alpha_bars[t - 1];
@@ -1099,6 +1211,95 @@ pub fn nearest_distance_mean(a: &[f32], b: &[f32], dim: usize) -> Result<f64> {
 /// units. Near 1 when samples sit as close to the data as held-out digits do.
 pub fn nn_ratio(samples: &[f32], digits: &Digits) -> Result<f64> {
     Ok(nearest_distance_mean(samples, &digits.train.x, PIXELS)?
+        / nearest_distance_mean(&digits.test.x, &digits.train.x, PIXELS)?)
+}
+
+/// The ε-prediction loss at step t of a predictor that knows only each pixel's own
+/// distribution over the grey levels it takes in `train` (rows of `dim`; the 8×8 digits take
+/// 17 levels, 0.125 apart in [−1, 1]) and nothing about the other pixels: per pixel,
+/// E[x_0 | x_t] = Σ_l l·p(l) N(x_t; √ᾱ_t l, 1 − ᾱ_t) / Σ_l p(l) N(…), then
+/// ε̂ = (x_t − √ᾱ_t E[x_0 | x_t])/√(1 − ᾱ_t). Measured like [`Ddpm::loss_at`]: the same `n`
+/// draws of (x_0 from `x0s`, ε) for the same `seed`, E‖ε − ε̂‖² per element. While the noise
+/// is much smaller than the gap between levels, rounding x_t/√ᾱ_t to a level recovers x_0,
+/// and so ε, almost exactly: this predictor's loss is near 0 at small t, where predicting
+/// ε = 0 scores 1.
+pub fn level_oracle_loss(
+    train: &[f32],
+    x0s: &[f32],
+    dim: usize,
+    schedule: &NoiseSchedule,
+    t: usize,
+    n: usize,
+    seed: u64,
+) -> Result<f64> {
+    check_rows("level_oracle_loss (train)", train, dim)?;
+    check_rows("level_oracle_loss (x0s)", x0s, dim)?;
+    schedule.index(t)?;
+    ensure(n >= 1, "n", n, "use at least one draw, e.g. 1000")?;
+    ensure(!x0s.is_empty(), "x0s", 0, "give at least one row of x_0")?;
+    let mut levels: Vec<f32> = train.to_vec();
+    levels.sort_by(f32::total_cmp);
+    levels.dedup();
+    ensure(
+        levels.len() <= 256,
+        "train",
+        format!("{} distinct values", levels.len()),
+        "the data must take few levels (the digits take 17): this predictor is for quantised data",
+    )?;
+    // p(level | pixel j), with half a count added to each level so none is impossible.
+    let nl = levels.len();
+    let mut prior = vec![0.5f64; dim * nl];
+    for row in train.chunks_exact(dim) {
+        for (j, v) in row.iter().enumerate() {
+            if let Ok(l) = levels.binary_search_by(|x| x.total_cmp(v)) {
+                prior[j * nl + l] += 1.0;
+            }
+        }
+    }
+    for p in prior.chunks_exact_mut(nl) {
+        let total: f64 = p.iter().sum();
+        p.iter_mut().for_each(|v| *v /= total);
+    }
+    let ab = schedule.alpha_bars[t - 1];
+    let (a, s) = (ab.sqrt(), (1.0 - ab).sqrt());
+    let (af, sf) = (a as f32, s as f32);
+    let rows = x0s.len() / dim;
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut sum = 0.0f64;
+    let mut log_w = vec![0.0f64; nl];
+    for k in 0..n {
+        let x0 = &x0s[(k % rows) * dim..(k % rows + 1) * dim];
+        for j in 0..dim {
+            let e: f32 = StandardNormal.sample(&mut rng);
+            // The same float arithmetic as `loss_at` builds its x_t with.
+            let x_t = (af * x0[j] + sf * e) as f64;
+            for (l, lw) in log_w.iter_mut().enumerate() {
+                let r = (x_t - a * levels[l] as f64) / s;
+                *lw = prior[j * nl + l].ln() - 0.5 * r * r;
+            }
+            let top = log_w.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+            let (mut num, mut den) = (0.0, 0.0);
+            for (l, lw) in log_w.iter().enumerate() {
+                let w = (lw - top).exp();
+                num += w * levels[l] as f64;
+                den += w;
+            }
+            let eps_hat = (x_t - a * num / den) / s;
+            sum += (eps_hat - e as f64).powi(2);
+        }
+    }
+    Ok(sum / (n * dim) as f64)
+}
+
+/// The other half of a quality reading: (mean distance from each **test** digit to its nearest
+/// sample) / (mean distance from each test digit to its nearest training digit). `nn_ratio`
+/// asks whether samples are near some data (precision: one real digit repeated scores well);
+/// this asks whether the data are near some sample (coverage: a model that draws only some
+/// digits, or one blurry average, leaves test digits far from every sample). Near 1 when the
+/// samples cover the test digits as well as the training set does; with fewer samples than
+/// training digits a perfect model scores somewhat above 1 (the chapter prints that floor).
+pub fn coverage_ratio(samples: &[f32], digits: &Digits) -> Result<f64> {
+    Ok(nearest_distance_mean(&digits.test.x, samples, PIXELS)?
         / nearest_distance_mean(&digits.test.x, &digits.train.x, PIXELS)?)
 }
 
