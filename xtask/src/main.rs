@@ -275,11 +275,16 @@ fn setup_fonts() -> Result<()> {
         ));
     }
     println!("[setup] installing {}", DEBIAN_PACKAGES.join(", "));
+    apt_install(DEBIAN_PACKAGES)
+}
+
+/// `apt-get update`, then `apt-get install` of `packages` (as root, non-interactive).
+fn apt_install(packages: &[&str]) -> Result<()> {
     status(Command::new("apt-get").args(["update", "-qq"]))?;
     status(
         Command::new("apt-get")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(DEBIAN_PACKAGES)
+            .args(packages)
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
@@ -308,13 +313,7 @@ fn setup_arm() -> Result<()> {
             "[setup] installing {} (the ARM lane)",
             ARM_PACKAGES.join(", ")
         );
-        status(Command::new("apt-get").args(["update", "-qq"]))?;
-        status(
-            Command::new("apt-get")
-                .args(["install", "-y", "-qq", "--no-install-recommends"])
-                .args(ARM_PACKAGES)
-                .env("DEBIAN_FRONTEND", "noninteractive"),
-        )?;
+        apt_install(&ARM_PACKAGES)?;
     }
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]));
     if !installed.is_some_and(|list| list.lines().any(|l| l.trim() == ARM_TARGET)) {
@@ -1027,18 +1026,7 @@ fn setup_browser() -> Result<PathBuf> {
         );
     }
     println!("[setup] installing chromium (the browser test's browser)");
-    status(Command::new("apt-get").args(["update", "-qq"]))?;
-    status(
-        Command::new("apt-get")
-            .args([
-                "install",
-                "-y",
-                "-qq",
-                "--no-install-recommends",
-                "chromium",
-            ])
-            .env("DEBIAN_FRONTEND", "noninteractive"),
-    )?;
+    apt_install(&["chromium"])?;
     found().ok_or_else(|| "apt-get installed chromium, but /usr/bin/chromium is missing".into())
 }
 
