@@ -74,6 +74,28 @@ fn trained_discriminator_approaches_the_optimal_one() {
     );
 }
 
+/// `Gan::generate` maps latent points the caller chooses (the chapter draws circles of z through
+/// G): a batch gives what each row gives alone (up to the kernels' rounding, which depends on
+/// the number of rows), and a wrong width or a non-finite z is an error, not a panic.
+#[test]
+fn generate_maps_chosen_latent_points_row_by_row() {
+    let gan = Gan::new(GanConfig::default(), GanData::ring()).unwrap();
+    let z = [0.0f32, 0.0, 1.0, -0.5, -2.0, 1.5];
+    let all = gan.generate(&z).unwrap();
+    assert_eq!(all.len(), 6);
+    for (row, x) in z.chunks_exact(2).zip(all.chunks_exact(2)) {
+        let alone = gan.generate(row).unwrap();
+        for (a, b) in alone.iter().zip(x) {
+            assert!(
+                (a - b).abs() <= 1e-5 * (1.0 + b.abs()),
+                "{alone:?} vs {x:?}"
+            );
+        }
+    }
+    assert!(gan.generate(&[0.0, 0.0, 1.0]).is_err());
+    assert!(gan.generate(&[f32::NAN, 0.0]).is_err());
+}
+
 /// An absurd learning rate: the loss stops being finite, training returns `Diverged` naming the
 /// iteration, and both networks keep finite parameters and still sample.
 #[test]
