@@ -833,9 +833,18 @@ impl Gan {
             loss: loss as f32,
             fix: format!(
                 "The {which} stopped being finite at iteration {iteration}, before its update: \
-                 both networks keep their last finite parameters. Lower the learning rates \
-                 (d_lr = {:e}, g_lr = {:e}; W2 uses 2e-4).",
-                self.config.d_lr, self.config.g_lr
+                 {kept}. Lower the learning rates (d_lr = {:e}, g_lr = {:e}; W2 uses 2e-4).",
+                self.config.d_lr,
+                self.config.g_lr,
+                kept = match net {
+                    Net::D => "both networks keep their last finite parameters",
+                    // D's step of this iteration ran before G's loss was computed.
+                    Net::G => {
+                        "the generator keeps its last finite parameters; the discriminator's \
+                         step of this iteration had already run, and its parameters, though \
+                         finite, are likely what made the loss overflow"
+                    }
+                }
             ),
         })
     }
