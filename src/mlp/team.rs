@@ -453,12 +453,12 @@ fn help(sh: &Shared, generation: u64) {
             .compare_exchange_weak(state, state + 1, Ordering::AcqRel, Ordering::Acquire)
         {
             Ok(_) => {
-                // SAFETY: the swap took task `tasks − 1 − back` of `generation`, so that call
-                // has not ended (its caller waits, even when unwinding, until every task the
-                // helper took is done) and `tasks`/`job`, read after seeing this generation,
-                // are its values (a later call with the same state word would need 2⁴⁰ calls
-                // in between); `job` points to the caller's live `Job`. The lifetime is only
-                // widened for the span of this task.
+                // The swap took task `tasks − 1 − back` of `generation`, so that call has not
+                // ended: its caller waits, even when unwinding, until every task the helper
+                // took is done.
+                // SAFETY: `tasks`/`job`, read after seeing this generation, are that call's
+                // (a later call with the same state word needs 2⁴⁰ calls in between), and `job`
+                // points to its caller's live `Job`; the lifetime is widened for this task only.
                 let f: &(dyn Fn(usize) + Sync) = unsafe { *job };
                 let i = (tasks - 1 - back) as usize;
                 take_task(sh, || f(i));
