@@ -961,14 +961,7 @@ impl Ddpm {
             let (s, inv_a) = ((1.0 - ab).sqrt() as f32, (1.0 / ab.sqrt()) as f32);
             for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
                 for j in 0..d {
-                    let eps = match clip {
-                        // x̂_0 clipped, and the noise it implies in place of ε̂.
-                        Some(c) if ((row[j] - s * eh[j]) * inv_a).abs() > c => {
-                            let x0 = ((row[j] - s * eh[j]) * inv_a).clamp(-c, c);
-                            (row[j] - x0 / inv_a) / s
-                        }
-                        _ => eh[j],
-                    };
+                    let (_, eps) = x0_and_eps(row[j], eh[j], s, inv_a, clip);
                     row[j] = c_x * row[j] - c_eps * eps;
                 }
                 if sigma > 0.0 {
@@ -1094,16 +1087,7 @@ impl Ddpm {
             let eps_hat = self.denoiser.infer(&team, &input)?;
             for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
                 for j in 0..d {
-                    let x0 = (row[j] - s * eh[j]) * inv_a;
-                    let (x0, eps) = match clip {
-                        // The clipped x̂_0 and the ε it implies, ε = (x_τ − √ᾱ_τ x̂_0)/√(1 − ᾱ_τ),
-                        // so that x_τ is still √ᾱ_τ x̂_0 + √(1 − ᾱ_τ) ε.
-                        Some(c) if x0.abs() > c => {
-                            let x0 = x0.clamp(-c, c);
-                            (x0, (row[j] - x0 / inv_a) / s)
-                        }
-                        _ => (x0, eh[j]),
-                    };
+                    let (x0, eps) = x0_and_eps(row[j], eh[j], s, inv_a, clip);
                     row[j] = a_next * x0 + s_next * eps;
                 }
             }
@@ -1301,6 +1285,22 @@ pub fn level_oracle_loss(
 pub fn coverage_ratio(samples: &[f32], digits: &Digits) -> Result<f64> {
     Ok(nearest_distance_mean(&digits.test.x, samples, PIXELS)?
         / nearest_distance_mean(&digits.test.x, &digits.train.x, PIXELS)?)
+}
+
+/// x̂_0 = (x_t − √(1 − ᾱ) ε̂)/√ᾱ from one value x_t and its ε̂ (`s` = √(1 − ᾱ), `inv_a` =
+/// 1/√ᾱ), with the ε̂ to use next: where `clip` is set and x̂_0 lies outside it, the clipped
+/// x̂_0 and the noise it implies, ε = (x_t − √ᾱ x̂_0)/√(1 − ᾱ), so that x_t is still
+/// √ᾱ x̂_0 + √(1 − ᾱ) ε (as the diffusers library does); else x̂_0 and ε̂ as they are.
+/// DDPM's and DDIM's samplers share it.
+fn x0_and_eps(x_t: f32, eps_hat: f32, s: f32, inv_a: f32, clip: Option<f32>) -> (f32, f32) {
+    let x0 = (x_t - s * eps_hat) * inv_a;
+    match clip {
+        Some(c) if x0.abs() > c => {
+            let x0 = x0.clamp(-c, c);
+            (x0, (x_t - x0 / inv_a) / s)
+        }
+        _ => (x0, eps_hat),
+    }
 }
 
 /// One thread for small batches (waking a second costs more than it saves), the default team
