@@ -212,6 +212,18 @@ pub struct Points {
     pub labels: Vec<usize>,
 }
 
+impl Points {
+    /// The points as a set of 2-value rows (labels cut to `u8`: the component index), the
+    /// form the models that take images also take (e.g. [`crate::vae::Vae::with_data`]).
+    pub fn images(&self) -> Images {
+        Images {
+            x: self.xy.iter().flatten().copied().collect(),
+            labels: self.labels.iter().map(|&l| l.min(255) as u8).collect(),
+            dim: 2,
+        }
+    }
+}
+
 /// A component k drawn with probability weightₖ / total (total = Σ weights).
 pub(crate) fn pick_component(weights: &[f64], total: f64, rng: &mut impl Rng) -> usize {
     let mut u = rng.gen::<f64>() * total;
@@ -378,6 +390,40 @@ impl Batches {
         let count = self.per_epoch();
         (0..count).map(move |b| perm[b * batch..((b + 1) * batch).min(perm.len())].to_vec())
     }
+}
+
+/// The level index k of each value on `levels` evenly spaced values v_k = lo + k(hi − lo)/(levels − 1)
+/// (the digits: 17 levels, on [0, 1] or [−1, 1]), or an error naming the first value that sits
+/// off the grid (more than a hundredth of a step away): the discrete likelihoods of chapter 5
+/// are probabilities of these levels.
+pub fn level_indices(values: &[f32], (lo, hi): (f32, f32), levels: usize) -> Result<Vec<usize>> {
+    if levels < 2 || lo.partial_cmp(&hi) != Some(std::cmp::Ordering::Less) {
+        return Err(Error::param(
+            "levels",
+            format!("{levels} levels on [{lo}, {hi}]"),
+            "use at least 2 levels on a range lo < hi, e.g. 17 on [−1, 1] for the digits",
+        ));
+    }
+    let step = (hi - lo) / (levels - 1) as f32;
+    values
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let k = ((v - lo) / step).round();
+            if k >= 0.0 && k < levels as f32 && (v - lo - k * step).abs() <= 0.01 * step {
+                Ok(k as usize)
+            } else {
+                Err(Error::param(
+                    "values",
+                    format!("{v} at index {i}"),
+                    format!(
+                        "a discrete likelihood needs data on {levels} levels from {lo} to {hi} \
+                         (the digits: 17 levels; load them with the matching Scale)"
+                    ),
+                ))
+            }
+        })
+        .collect()
 }
 
 /// Checks a learner's flat array of rows (images, latents, points): at least one whole row of

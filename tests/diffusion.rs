@@ -503,3 +503,90 @@ fn a_one_d_ddpm_learns_the_optimal_noise_prediction() {
         assert!(err < 0.25 * base, "t = {t}: {err:.3} vs {base:.3}");
     }
 }
+
+/// The DDPM's bound on −log P(x_0) for data on two levels (−1 and 1, each half the time): any
+/// model's average −log P is at least the data's entropy ln 2 (Gibbs' inequality), so the bound
+/// must be too, trained or not; training brings it down by several nats; and each step's term
+/// is w_t·d·E(ε − ε_θ)² + d·gap_t, the same number [`Ddpm::loss_at`] measures with its own
+/// draws.
+#[test]
+fn the_ddpm_bound_is_above_the_entropy_and_training_lowers_it() {
+    let xs: Vec<f32> = (0..2000)
+        .map(|i| if i % 2 == 0 { -1.0 } else { 1.0 })
+        .collect();
+    let config = DdpmConfig {
+        steps: 200,
+        schedule: Schedule::linear_scaled(200),
+        iters: 1500,
+        clip: None,
+        ..DdpmConfig::toy_2d()
+    };
+    let mut ddpm = Ddpm::new(config, &xs, 1).unwrap();
+    ddpm.verbose = false;
+    let test = &xs[..400];
+    let before = ddpm.neg_elbo(test, 2, 8, 1).unwrap();
+    ddpm.train(1500).unwrap();
+    let after = ddpm.neg_elbo(test, 2, 8, 1).unwrap();
+    let entropy = 2f64.ln();
+    eprintln!(
+        "bound untrained {:.3}, trained {:.3} (L_T {:.5}, steps {:.3}, L_0 {:.4}); entropy {entropy:.3}",
+        before.total(),
+        after.total(),
+        after.prior,
+        after.steps,
+        after.decoder
+    );
+    for b in [&before, &after] {
+        assert!(b.total() >= entropy, "{} < ln 2", b.total());
+        let parts = b.prior + b.steps + b.decoder;
+        assert!((b.total() - parts).abs() < 1e-12);
+        assert!((b.by_t.iter().sum::<f64>() - b.steps - b.decoder).abs() < 1e-9);
+    }
+    assert!(
+        after.total() < before.total() - 3.0,
+        "{} vs {}",
+        after.total(),
+        before.total()
+    );
+    // L_T in closed form: x_0² = 1 for every row.
+    let ab = ddpm.schedule().alpha_bar(200).unwrap();
+    let l_t = 0.5 * ((1.0 - ab) + ab - 1.0 - (1.0 - ab).ln());
+    assert!(
+        (after.prior - l_t).abs() < 1e-12,
+        "{} vs {l_t}",
+        after.prior
+    );
+    // Step terms against loss_at (other draws: a Monte Carlo tolerance).
+    for t in [2usize, 20, 150] {
+        let mse = ddpm.loss_at(test, t, 20_000, 7).unwrap();
+        let s = ddpm.schedule();
+        let expected = s.elbo_weight(t).unwrap() * mse + s.variance_gap(t).unwrap();
+        let got = after.by_t[t - 1];
+        eprintln!("t = {t}: L_(t−1) {got:.4} vs w·mse + gap {expected:.4}");
+        assert!(
+            (got - expected).abs() < 0.1 * expected + 1e-3,
+            "t = {t}: {got} vs {expected}"
+        );
+    }
+    // Data off the levels is an error that names the value.
+    let err = ddpm.neg_elbo(&[0.3f32], 2, 1, 1).unwrap_err().to_string();
+    assert!(err.contains("0.3") && err.contains("levels"), "{err}");
+}
+
+/// The independent-pixels baseline against its definition on a 2-pixel toy, and the uniform
+/// distribution's d·ln(levels) when every level is equally common.
+#[test]
+fn independent_levels_nll_matches_a_direct_count() {
+    // Pixel 0 takes level 0 three times and level 2 once; pixel 1 always level 1 (3 levels).
+    let train = [-1.0f32, 0.0, -1.0, 0.0, -1.0, 0.0, 1.0, 0.0];
+    let test = [-1.0f32, 0.0, 1.0, 0.0];
+    let got = genlab::diffusion::independent_levels_nll(&train, &test, 2, (-1.0, 1.0), 3).unwrap();
+    // Half a count per level: pixel 0 (3.5, 0.5, 1.5)/5.5, pixel 1 (0.5, 4.5, 0.5)/5.5.
+    let p = |c: f64| -(c / 5.5f64).ln();
+    let expected = 0.5 * ((p(3.5) + p(4.5)) + (p(1.5) + p(4.5)));
+    assert!((got - expected).abs() < 1e-12, "{got} vs {expected}");
+    let flat: Vec<f32> = (0..17 * 50).map(|i| -1.0 + (i % 17) as f32 / 8.0).collect();
+    let uniform =
+        genlab::diffusion::independent_levels_nll(&flat, &flat, 1, (-1.0, 1.0), 17).unwrap();
+    assert!((uniform - 17f64.ln()).abs() < 1e-9, "{uniform}");
+}

@@ -19,6 +19,9 @@
 //! - Sampling, DDIM with η = 0 ([`Ddpm::sample_ddim`]): deterministic, on a subsequence
 //!   τ_S > … > τ_1 of the steps: x̂_0 = (x_τ − √(1 − ᾱ_τ) ε_θ)/√ᾱ_τ, then
 //!   x_{τ'} = √ᾱ_{τ'} x̂_0 + √(1 − ᾱ_{τ'}) ε_θ.
+//! - The bound ([`Ddpm::neg_elbo`]): the DDPM is a VAE with the forward process as its fixed
+//!   encoder, so −log p(x_0) ≤ L_T + Σ_{t≥2} L_{t−1} + L_0 with L_{t−1} = w_t‖ε − ε_θ‖² + c_t
+//!   ([`NoiseSchedule::elbo_weight`]); the training loss drops the weights w_t (L_simple).
 //!
 //! The denoiser is one network of the engine ([`crate::mlp`]) on concat(x_t, emb(t)), with the
 //! sinusoidal time embedding of [`time_embedding`]. [`DdpmConfig::default`] is workload W3 of
@@ -225,6 +228,45 @@ impl NoiseSchedule {
         let mean = ab_prev.sqrt() * beta / (1.0 - ab) * x0
             + alpha.sqrt() * (1.0 - ab_prev) / (1.0 - ab) * x_t;
         Ok((mean, (1.0 - ab_prev) / (1.0 - ab) * beta))
+    }
+
+    /// L_T = KL(q(x_T | x_0) ‖ N(0, I)) = ½ Σ_pixels [(1 − ᾱ_T) + ᾱ_T x_0² − 1 − ln(1 − ᾱ_T)],
+    /// averaged over the rows of `x0s` (`dim` values each): the bound's price for starting the
+    /// sampler at N(0, I) when x_T still holds some of x_0 (nats per image; no parameters).
+    pub fn prior_term(&self, x0s: &[f32], dim: usize) -> Result<f64> {
+        check_rows("prior_term (x0s)", x0s, dim)?;
+        let ab = self.alpha_bars[self.steps() - 1];
+        let sum: f64 = x0s
+            .iter()
+            .map(|&x| 0.5 * ((1.0 - ab) + ab * (x as f64).powi(2) - 1.0 - (1.0 - ab).ln()))
+            .sum();
+        Ok(sum / (x0s.len() / dim) as f64)
+    }
+
+    /// The part of L_{t−1} (t ≥ 2) that no ε_θ can remove, per pixel, when the reverse step's
+    /// variance is β_t instead of the true posterior's β̃_t: c_t/d = ½(r − 1 − ln r),
+    /// r = β̃_t/β_t = (1 − ᾱ_{t−1})/(1 − ᾱ_t) (0 when the variances agree; large at small t,
+    /// where β̃_t ≪ β_t).
+    pub fn variance_gap(&self, t: usize) -> Result<f64> {
+        let i = self.index(t)?;
+        ensure(
+            t >= 2,
+            "t",
+            t,
+            "the gap is a term of L_{t−1} for t from 2 to T",
+        )?;
+        let r = (1.0 - self.alpha_bars[i - 1]) / (1.0 - self.alpha_bars[i]);
+        Ok(0.5 * (r - 1.0 - r.ln()))
+    }
+
+    /// The weight w_t that turns the ε-prediction error into the bound's term at step t ≥ 2
+    /// when the reverse step's variance is σ_t² = β_t (the sampler's): the means of
+    /// q(x_{t−1} | x_t, x_0) and p_θ(x_{t−1} | x_t) differ by β_t/(√α_t √(1 − ᾱ_t))·(ε − ε_θ),
+    /// so L_{t−1} = w_t‖ε − ε_θ‖² + (a constant), w_t = β_t / (2 α_t (1 − ᾱ_t)).
+    /// L_simple is the bound with every w_t replaced by 1 (Ho et al., 2020, eq. 14).
+    pub fn elbo_weight(&self, t: usize) -> Result<f64> {
+        let i = self.index(t)?;
+        Ok(self.betas[i] / (2.0 * self.alphas[i] * (1.0 - self.alpha_bars[i])))
     }
 }
 
@@ -868,6 +910,105 @@ impl Ddpm {
         Ok(sum / eps.len() as f64)
     }
 
+    /// The variational bound on −log p(x_0) of each row of `x0s` (values on `levels` evenly
+    /// spaced levels from −1 to 1: the digits of [`Ddpm::digits`] take 17), averaged over the
+    /// rows, in nats per image, with the reverse step p_θ(x_{t−1} | x_t) = N(μ_θ, β_t I) of
+    /// the sampler, μ_θ = (x_t − β_t/√(1 − ᾱ_t) ε_θ(x_t, t))/√α_t:
+    /// - L_T = KL(N(√ᾱ_T x_0, 1 − ᾱ_T) ‖ N(0, 1)) per pixel, exactly
+    ///   ([`NoiseSchedule::prior_term`]);
+    /// - for t ≥ 2, L_{t−1} = ½ Σ_pixels [β̃_t/β_t − 1 − ln(β̃_t/β_t) + (μ̃ − μ_θ)²/β_t], with
+    ///   μ̃ − μ_θ = β_t/(√α_t √(1 − ᾱ_t))·(ε_θ − ε) at x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε, i.e.
+    ///   L_{t−1} = w_t‖ε − ε_θ‖² + d·gap_t ([`NoiseSchedule::elbo_weight`],
+    ///   [`NoiseSchedule::variance_gap`]);
+    /// - L_0 = −Σ_pixels log P(x_0's level | N(μ_θ(x_1, 1), β_1)), the Gaussian's mass on the
+    ///   level's bin (outer bins open, [`crate::math::discretised_normal_log_prob`]).
+    ///
+    /// Every t is evaluated for every row with `draws` draws of ε each (seeded by `seed`), so
+    /// the only Monte Carlo error is over ε; the result is an estimate of the bound, not a
+    /// sampled t.
+    pub fn neg_elbo(&self, x0s: &[f32], levels: usize, draws: usize, seed: u64) -> Result<NegElbo> {
+        let (d, e, big_t) = (self.dim, self.config.embedding, self.config.steps);
+        check_rows("neg_elbo (x0s)", x0s, d)?;
+        ensure(
+            draws >= 1,
+            "draws",
+            draws,
+            "use at least one draw of ε per step, e.g. 4",
+        )?;
+        let level = crate::data::level_indices(x0s, (-1.0, 1.0), levels)?;
+        let rows = x0s.len() / d;
+        let n = rows * draws;
+        let team = team_for(n);
+        let mut rng = StdRng::seed_from_u64(seed);
+        let prior = self.schedule.prior_term(x0s, d)?;
+        let mut by_t = vec![0.0; big_t];
+        let mut input = vec![0.0f32; n * (d + e)];
+        let mut eps = vec![0.0f32; n * d];
+        for t in 1..=big_t {
+            let (beta, alpha, ab) = (
+                self.schedule.betas[t - 1],
+                self.schedule.alphas[t - 1],
+                self.schedule.alpha_bars[t - 1],
+            );
+            let (a, s) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
+            for (k, (row, ep)) in input
+                .chunks_exact_mut(d + e)
+                .zip(eps.chunks_exact_mut(d))
+                .enumerate()
+            {
+                let x0 = &x0s[(k % rows) * d..(k % rows + 1) * d];
+                for j in 0..d {
+                    ep[j] = StandardNormal.sample(&mut rng);
+                    row[j] = a * x0[j] + s * ep[j];
+                }
+                row[d..].copy_from_slice(&self.embeddings[(t - 1) * e..t * e]);
+            }
+            let eps_hat = self.denoiser.predict(&team, &input)?;
+            let term = if t == 1 {
+                // L_0: the mean μ_θ(x_1, 1) and σ_1 = √β_1, scored on x_0's level.
+                let coef = beta / (1.0 - ab).sqrt();
+                let sigma = beta.sqrt();
+                let mut sum = 0.0;
+                for (k, (row, eh)) in input
+                    .chunks_exact(d + e)
+                    .zip(eps_hat.chunks_exact(d))
+                    .enumerate()
+                {
+                    for j in 0..d {
+                        let mu = (row[j] as f64 - coef * eh[j] as f64) / alpha.sqrt();
+                        let lv = level[(k % rows) * d + j];
+                        sum -= crate::math::discretised_normal_log_prob(
+                            lv,
+                            levels,
+                            (-1.0, 1.0),
+                            mu,
+                            sigma,
+                        );
+                    }
+                }
+                sum
+            } else {
+                let constant = d as f64 * self.schedule.variance_gap(t)?;
+                let w = self.schedule.elbo_weight(t)?;
+                let sq: f64 = eps_hat
+                    .iter()
+                    .zip(&eps)
+                    .map(|(&y, &e)| ((y - e) as f64).powi(2))
+                    .sum();
+                n as f64 * constant + w * sq
+            };
+            by_t[t - 1] = term / n as f64;
+        }
+        let decoder = by_t[0];
+        let steps = by_t[1..].iter().sum();
+        Ok(NegElbo {
+            prior,
+            steps,
+            decoder,
+            by_t,
+        })
+    }
+
     /// `n` samples by DDPM's ancestral sampling from x_T ~ N(0, I):
     /// x_{t−1} = (x_t − β_t/√(1 − ᾱ_t) ε_θ(x_t, t))/√α_t + √β_t z (z = 0 at t = 1), the final
     /// x_0 clipped as the config says. Rows of `dim` values.
@@ -1273,6 +1414,59 @@ pub fn level_oracle_loss(
         }
     }
     Ok(sum / (n * dim) as f64)
+}
+
+/// The DDPM's variational bound on −log p(x_0) (nats per image), term by term: the DDPM is a
+/// VAE whose encoder q(x_{1:T} | x_0) is the fixed forward process, and chapter 2's ELBO
+/// becomes −log p(x_0) ≤ L_T + Σ_{t=2}^T L_{t−1} + L_0 (Ho et al., 2020, eq. 5).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NegElbo {
+    /// L_T = KL(q(x_T | x_0) ‖ N(0, I)): no parameters; how far the schedule's end is from
+    /// the sampler's start.
+    pub prior: f64,
+    /// Σ_{t=2}^T L_{t−1}, L_{t−1} = KL(q(x_{t−1} | x_t, x_0) ‖ p_θ(x_{t−1} | x_t)).
+    pub steps: f64,
+    /// L_0 = −log p_θ(x_0 | x_1), the reverse step's Gaussian discretised to the data's levels.
+    pub decoder: f64,
+    /// The term of each step: `by_t[0]` is L_0 (t = 1), `by_t[t − 1]` is L_{t−1} for t ≥ 2.
+    pub by_t: Vec<f64>,
+}
+
+impl NegElbo {
+    /// The whole bound L_T + Σ L_{t−1} + L_0 in nats per image (≥ −log p(x_0)).
+    pub fn total(&self) -> f64 {
+        self.prior + self.steps + self.decoder
+    }
+}
+
+/// −log p(x) in nats per image of the best model that treats pixels as independent: each
+/// pixel's histogram over the `levels` levels in `train` (half a count added to every level),
+/// scored on `test` (rows of `dim`, values on `levels` levels of `range`). The baseline any
+/// generative model of the digits must beat; the uniform distribution scores dim·ln(levels).
+pub fn independent_levels_nll(
+    train: &[f32],
+    test: &[f32],
+    dim: usize,
+    range: (f32, f32),
+    levels: usize,
+) -> Result<f64> {
+    check_rows("independent_levels_nll (train)", train, dim)?;
+    check_rows("independent_levels_nll (test)", test, dim)?;
+    let (tr, te) = (
+        crate::data::level_indices(train, range, levels)?,
+        crate::data::level_indices(test, range, levels)?,
+    );
+    let mut counts = vec![0.5f64; dim * levels];
+    for (i, &k) in tr.iter().enumerate() {
+        counts[(i % dim) * levels + k] += 1.0;
+    }
+    let total = (tr.len() / dim) as f64 + 0.5 * levels as f64;
+    let nll: f64 = te
+        .iter()
+        .enumerate()
+        .map(|(i, &k)| -(counts[(i % dim) * levels + k] / total).ln())
+        .sum();
+    Ok(nll / (te.len() / dim) as f64)
 }
 
 /// The other half of a quality reading: (mean distance from each **test** digit to its nearest
