@@ -2,8 +2,8 @@
 //! the entropy floor of grey pixels, draws from q(z|x) and from p(x|z) beside the decoder's
 //! means, and the amortisation gap between the encoder's q(z|x) and the best q for one image.
 
+use super::Likelihood;
 use super::{neg_log_likelihood, reconstruction, split_heads, team_for, Vae};
-use super::{Likelihood, PIXELS};
 use crate::data::{check_rows, Digits, Images};
 use crate::error::{ensure, Result};
 use crate::mlp::{Mlp, Update};
@@ -68,7 +68,108 @@ impl AmortisationGap {
     }
 }
 
+/// A VAE's bound on −log P(x) for images on discrete grey levels, with its decoder made a
+/// probability over those levels: p(x | z) = Π_j P(level_j | N(mean_j(z), σ_j²)), the
+/// Gaussian's mass on the level's bin ([`crate::math::discretised_normal_log_prob`]) around
+/// the decoder's mean image ([`Vae::decode`]), with one σ_j per pixel (a border pixel that is
+/// always 0 gets a small one). Any σ's give a bound (−ELBO ≥ −log P(x) for that decoder);
+/// [`Vae::discrete_bound`] fits them on training images. In nats per image on the same space
+/// as every other model of the same images (chapter 5 compares it with the DDPM's
+/// [`crate::diffusion::NegElbo`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct DiscreteBound {
+    /// σ_j of each pixel's discretised Gaussian, fitted on (up to) 300 training images.
+    pub stds: Vec<f64>,
+    /// E_q[−log P(x | z)] per image, averaged over the images.
+    pub reconstruction: f64,
+    /// KL(q(z | x) ‖ N(0, I)) per image, exact, averaged over the images.
+    pub kl: f64,
+}
+
+impl DiscreteBound {
+    /// reconstruction + KL: the bound on −log P(x), nats per image.
+    pub fn total(&self) -> f64 {
+        self.reconstruction + self.kl
+    }
+}
+
 impl Vae {
+    /// The VAE's [`DiscreteBound`] on `images` (values on `levels` levels from 0 to 1; the
+    /// digits: 17), with `draws` draws of z ~ q(z | x) per image (seeded by `seed`). Each
+    /// pixel's σ_j is chosen first among 61 values from 0.001 to 1 (evenly spaced in log σ) to
+    /// minimise that pixel's share of the same bound on the first 300 training images (one draw
+    /// each), so the test images never choose it.
+    pub fn discrete_bound(
+        &self,
+        images: &Images,
+        levels: usize,
+        draws: usize,
+        seed: u64,
+    ) -> Result<DiscreteBound> {
+        ensure(
+            draws >= 1,
+            "draws",
+            draws,
+            "use at least one draw of z per image, e.g. 10",
+        )?;
+        let (dim, l) = (self.dim(), self.config.latent);
+        check_rows("discrete_bound (images)", &images.x, dim)?;
+        let fit_rows = self.data.train.len().min(300);
+        let fit_x = &self.data.train.x[..fit_rows * dim];
+        // −log P(level k | N(m, σ²)) of one pixel.
+        let nll = |k: usize, m: f32, sigma: f64| {
+            -crate::math::discretised_normal_log_prob(k, levels, (0.0, 1.0), m as f64, sigma)
+        };
+        let fit_levels = crate::data::level_indices(fit_x, (0.0, 1.0), levels)?;
+        let fit_means = self.decode(&self.sample_latents(fit_x, 1, seed ^ 0xf17)?)?;
+        let candidates: Vec<f64> = (0..=60)
+            .map(|i| 10f64.powf(-3.0 + 3.0 * i as f64 / 60.0))
+            .collect();
+        let stds: Vec<f64> = (0..dim)
+            .map(|j| {
+                let cost = |s: f64| -> f64 {
+                    (0..fit_rows)
+                        .map(|r| nll(fit_levels[r * dim + j], fit_means[r * dim + j], s))
+                        .sum()
+                };
+                candidates
+                    .iter()
+                    .map(|&s| (s, cost(s)))
+                    .fold(
+                        (1.0, f64::INFINITY),
+                        |best, c| if c.1 < best.1 { c } else { best },
+                    )
+                    .0
+            })
+            .collect();
+        let test_levels = crate::data::level_indices(&images.x, (0.0, 1.0), levels)?;
+        let means = self.decode(&self.sample_latents(&images.x, draws, seed)?)?;
+        let reconstruction: f64 = means
+            .chunks_exact(dim)
+            .enumerate()
+            .map(|(r, m)| {
+                let x = &test_levels[(r / draws) * dim..(r / draws + 1) * dim];
+                (0..dim).map(|j| nll(x[j], m[j], stds[j])).sum::<f64>()
+            })
+            .sum::<f64>()
+            / (means.len() / dim) as f64;
+        let (mu, log_var) = self.encode(&images.x)?;
+        let kl: f64 = mu
+            .iter()
+            .zip(&log_var)
+            .map(|(&m, &lv)| {
+                let (m, lv) = (m as f64, lv as f64);
+                -0.5 * (1.0 + lv - m * m - lv.exp())
+            })
+            .sum::<f64>()
+            / (mu.len() / l) as f64;
+        Ok(DiscreteBound {
+            stds,
+            reconstruction,
+            kl,
+        })
+    }
+
     /// The bar of a model that ignores z: its decoder outputs each pixel's training mean p̄ⱼ
     /// whatever z is (Bernoulli: clamped to [1e-4, 1 − 1e-4]; Gaussian: the mean itself) and its
     /// q(z|x) is the prior (KL = 0). Returns its −ELBO = −Σⱼ log p(xⱼ | p̄ⱼ), averaged over the
@@ -77,8 +178,9 @@ impl Vae {
     pub fn no_latent_baseline(&self) -> f64 {
         let train = &self.data.train;
         let n = train.len().max(1) as f64;
-        let mut mean = [0.0f64; PIXELS];
-        for row in train.x.chunks_exact(PIXELS) {
+        let dim = self.dim();
+        let mut mean = vec![0.0f64; dim];
+        for row in train.x.chunks_exact(dim) {
             for (m, &v) in mean.iter_mut().zip(row) {
                 *m += v as f64 / n;
             }
@@ -96,7 +198,7 @@ impl Vae {
         let test = &self.data.test;
         let total: f64 = test
             .x
-            .chunks_exact(PIXELS)
+            .chunks_exact(dim)
             .map(|x| neg_log_likelihood(x, &out, self.config.likelihood))
             .sum();
         total / test.len().max(1) as f64
@@ -156,8 +258,8 @@ impl Vae {
         draws: usize,
         seed: u64,
     ) -> Result<Vec<f64>> {
-        let l = self.config.latent;
-        let n = x.len() / PIXELS;
+        let (l, dim) = (self.config.latent, self.dim());
+        let n = x.len() / dim;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut z = Vec::with_capacity(n * draws * l);
         for (m, lv) in mu.chunks(l).zip(log_var.chunks(l)) {
@@ -171,9 +273,9 @@ impl Vae {
         let out = self.decoder.predict(&team_for(n * draws), &z)?;
         Ok((0..n)
             .map(|i| {
-                let xi = &x[i * PIXELS..(i + 1) * PIXELS];
-                let rec: f64 = out[i * draws * PIXELS..(i + 1) * draws * PIXELS]
-                    .chunks_exact(PIXELS)
+                let xi = &x[i * dim..(i + 1) * dim];
+                let rec: f64 = out[i * draws * dim..(i + 1) * draws * dim]
+                    .chunks_exact(dim)
                     .map(|o| neg_log_likelihood(xi, o, self.config.likelihood))
                     .sum::<f64>()
                     / draws as f64;
@@ -199,12 +301,13 @@ impl Vae {
     /// same 2,000 draws of ε per image. optimised − encoder ≥ 0 is the price of amortisation;
     /// log p(x) − optimised is what the Gaussian family itself costs.
     pub fn amortisation_gap(&self, x: &[f32], steps: usize, seed: u64) -> Result<AmortisationGap> {
-        check_rows("amortisation_gap", x, PIXELS)?;
+        let dim = self.dim();
+        check_rows("amortisation_gap", x, dim)?;
         const DRAWS: usize = 16;
         const EVAL_DRAWS: usize = 2000;
         let (lr, b1, b2, eps_adam) = (0.02f32, 0.9f32, 0.999f32, 1e-8f32);
         let l = self.config.latent;
-        let n = x.len() / PIXELS;
+        let n = x.len() / dim;
         let out = self.encoder.predict(&team_for(n), x)?;
         let (enc_mu, enc_lv) = split_heads(&out, l);
         // Parameters [m; log s²] of every image, and Adam's moments.
@@ -214,11 +317,11 @@ impl Vae {
         let team = team_for(n * DRAWS);
         let mut rng = StdRng::seed_from_u64(seed);
         let x_rep: Vec<f32> = x
-            .chunks_exact(PIXELS)
+            .chunks_exact(dim)
             .flat_map(|xi| std::iter::repeat_n(xi, DRAWS).flatten().copied())
             .collect();
         let (mut eps, mut z) = (vec![0.0f32; n * DRAWS * l], vec![0.0f32; n * DRAWS * l]);
-        let mut dy = vec![0.0f32; n * DRAWS * PIXELS];
+        let mut dy = vec![0.0f32; n * DRAWS * dim];
         let half = n * l;
         for t in 1..=steps {
             for (k, (e, z)) in eps.iter_mut().zip(z.iter_mut()).enumerate() {
@@ -233,6 +336,7 @@ impl Vae {
                 &mut dy,
                 self.config.likelihood,
                 1.0 / DRAWS as f32,
+                dim,
             );
             let dz = decoder.backward_with_input(&team, &dy, Update::None)?;
             let mut grad = vec![0.0f32; theta.len()];

@@ -20,7 +20,7 @@
 //! ∂log σ², backward through the encoder (Adam fused in). The same model in a few lines of
 //! dfdx is [`reference`](mod@reference); a test checks that both give the same loss and gradient.
 
-use crate::data::{check_rows, load_digits, Batches, Digits, Images, Scale, PIXELS};
+use crate::data::{check_rows, load_digits, Batches, Digits, Images, Scale};
 use crate::error::{ensure, Error, Result};
 use crate::mlp::AdamSettings;
 use crate::mlp::{rowwise, update_nets_with, Activation, Mlp, MlpState, Team, Update};
@@ -32,7 +32,9 @@ use std::path::Path;
 mod inspect;
 pub mod reference;
 
-pub use inspect::{bernoulli_entropy_floor, share_between, AmortisationGap, BINARY_THRESHOLD};
+pub use inspect::{
+    bernoulli_entropy_floor, share_between, AmortisationGap, DiscreteBound, BINARY_THRESHOLD,
+};
 
 /// How p(x | z) scores a pixel.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -155,14 +157,14 @@ impl VaeConfig {
         }
     }
 
-    /// The encoder's widths: 64 → H → H → 2L.
-    fn encoder_widths(&self) -> [usize; 4] {
-        [PIXELS, self.hidden, self.hidden, 2 * self.latent]
+    /// The encoder's widths: D → H → H → 2L (D = 64 for the digits).
+    fn encoder_widths(&self, dim: usize) -> [usize; 4] {
+        [dim, self.hidden, self.hidden, 2 * self.latent]
     }
 
-    /// The decoder's widths: L → H → H → 64.
-    fn decoder_widths(&self) -> [usize; 4] {
-        [self.latent, self.hidden, self.hidden, PIXELS]
+    /// The decoder's widths: L → H → H → D.
+    fn decoder_widths(&self, dim: usize) -> [usize; 4] {
+        [self.latent, self.hidden, self.hidden, dim]
     }
 }
 
@@ -228,14 +230,64 @@ impl Vae {
         if config.likelihood == Likelihood::BinarisedBernoulli {
             inspect::binarise(&mut data);
         }
+        Vae::with_data(config, data.train, data.test)
+    }
+
+    /// A fresh VAE for `config` on other data: `train` and `test` rows of one width D (the
+    /// encoder is D → H → H → 2L, the decoder L → H → H → D), e.g. points in the plane for
+    /// chapter 4's ring ([`crate::data::Points::images`]). A Bernoulli likelihood needs values
+    /// in [0, 1]; a Gaussian one takes any. [`Vae::new`] is this with the digits.
+    pub fn with_data(config: VaeConfig, train: Images, test: Images) -> Result<Self> {
+        config.validate()?;
+        let data = Digits { train, test };
+        let dim = data.train.dim;
+        for (name, set) in [("data.train", &data.train), ("data.test", &data.test)] {
+            check_rows(name, &set.x, dim)?;
+            ensure(
+                set.dim == dim && set.x.len() == set.len() * dim,
+                name,
+                format!(
+                    "{} values, {} labels, dim {}",
+                    set.x.len(),
+                    set.len(),
+                    set.dim
+                ),
+                &format!("one label per row and rows of the training set's width {dim}"),
+            )?;
+        }
+        ensure(
+            config.batch_size <= data.train.len(),
+            "batch_size",
+            config.batch_size,
+            &format!(
+                "use a batch size between 1 and {} (the training rows)",
+                data.train.len()
+            ),
+        )?;
+        if !matches!(config.likelihood, Likelihood::Gaussian { .. }) {
+            let outside = data
+                .train
+                .x
+                .iter()
+                .chain(&data.test.x)
+                .find(|v| !(0.0..=1.0).contains(*v));
+            if let Some(v) = outside {
+                return Err(Error::param(
+                    "likelihood",
+                    format!("{:?} with a value {v}", config.likelihood),
+                    "a Bernoulli likelihood needs values in [0, 1]: use Likelihood::Gaussian { std } \
+                     for other data",
+                ));
+            }
+        }
         let encoder = Mlp::new(
-            &config.encoder_widths(),
+            &config.encoder_widths(dim),
             Activation::Relu,
             config.adam(),
             config.seed,
         )?;
         let decoder = Mlp::new(
-            &config.decoder_widths(),
+            &config.decoder_widths(dim),
             Activation::Relu,
             config.adam(),
             config.seed ^ 0xdec0_de00,
@@ -268,6 +320,11 @@ impl Vae {
     /// The config it was built with.
     pub fn config(&self) -> &VaeConfig {
         &self.config
+    }
+
+    /// Values per example D (64 for the digits).
+    pub fn dim(&self) -> usize {
+        self.data.train.dim
     }
 
     /// The training and test digits.
@@ -312,7 +369,8 @@ impl Vae {
         dec_update: Update<'_>,
         next: Option<&[usize]>,
     ) -> Result<StepParts> {
-        let (l, b) = (self.config.latent, self.x.len() / PIXELS);
+        let (l, dim) = (self.config.latent, self.dim());
+        let b = self.x.len() / dim;
         let scale = 1.0 / b as f32;
         let sb = (self.config.beta as f32) * scale;
         let (x, eps, likelihood) = (&self.x, &self.eps, self.config.likelihood);
@@ -325,8 +383,7 @@ impl Vae {
             &mut self.chunk_sums,
             &|[enc, dec]| {
                 let (i0, i1) = enc.range();
-                enc.input_mut()
-                    .copy_from_slice(&x[i0 * PIXELS..i1 * PIXELS]);
+                enc.input_mut().copy_from_slice(&x[i0 * dim..i1 * dim]);
                 // q(z|x): [μ, log σ²] = encoder(x)
                 let out = enc.forward();
                 // z = μ + σ ⊙ ε, and KL(q(z|x) ‖ N(0, I)) = −½ Σ (1 + log σ² − μ² − σ²)
@@ -335,7 +392,7 @@ impl Vae {
                 // p(x|z): logits (or means) = decoder(z); −log p(x|z) and its gradient ∂y
                 dec.forward();
                 let (y, dy) = dec.output_and_grad();
-                let rec = reconstruction(y, enc.input(), dy, likelihood, scale);
+                let rec = reconstruction(y, enc.input(), dy, likelihood, scale, dim);
                 // Backward through the decoder down to ∂z
                 let dz = dec.backward(true);
                 // Through z = μ + σ ε and β·KL to ∂μ, ∂log σ²
@@ -531,8 +588,8 @@ impl Vae {
 
     /// (μ, log σ²) of q(z | x) for row-major images (`latent` values per image each).
     pub fn encode(&self, x: &[f32]) -> Result<(Vec<f32>, Vec<f32>)> {
-        check_rows("encode", x, PIXELS)?;
-        let out = self.encoder.predict(&team_for(x.len() / PIXELS), x)?;
+        check_rows("encode", x, self.dim())?;
+        let out = self.encoder.predict(&team_for(x.len() / self.dim()), x)?;
         Ok(split_heads(&out, self.config.latent))
     }
 
@@ -582,7 +639,8 @@ impl Vae {
             draws,
             "average over at least one draw of ε",
         )?;
-        check_rows("neg_elbo_per_image", &images.x, PIXELS)?;
+        let dim = self.dim();
+        check_rows("neg_elbo_per_image", &images.x, dim)?;
         let l = self.config.latent;
         let out = self.encoder.predict(team, &images.x)?;
         let (mu, log_var) = split_heads(&out, l);
@@ -611,9 +669,9 @@ impl Vae {
                     .sum()
             })
             .collect();
-        for (row, o) in decoded.chunks(PIXELS).enumerate() {
+        for (row, o) in decoded.chunks(dim).enumerate() {
             let i = row % n;
-            let x = &images.x[i * PIXELS..(i + 1) * PIXELS];
+            let x = &images.x[i * dim..(i + 1) * dim];
             total[i] += neg_log_likelihood(x, o, self.config.likelihood) / draws as f64;
         }
         Ok(total)
@@ -634,7 +692,8 @@ impl Vae {
     /// log (1/K) Σₖ p(x | zₖ) p(zₖ) / q(zₖ | x). It is ≥ the ELBO in expectation and tightens
     /// toward log p(x) as K grows (chapter 2's IWAE bound, on a real model).
     pub fn log_likelihood_iwae(&self, x: &[f32], k: usize, seed: u64) -> Result<Vec<f64>> {
-        check_rows("log_likelihood_iwae", x, PIXELS)?;
+        let dim = self.dim();
+        check_rows("log_likelihood_iwae", x, dim)?;
         ensure(
             k >= 1,
             "k",
@@ -643,7 +702,7 @@ impl Vae {
         )?;
         let l = self.config.latent;
         let (mu, log_var) = self.encode(x)?;
-        let n = x.len() / PIXELS;
+        let n = x.len() / dim;
         let mut rng = StdRng::seed_from_u64(seed);
         let mut z = Vec::with_capacity(n * k * l);
         let mut log_w = Vec::with_capacity(n * k);
@@ -664,8 +723,8 @@ impl Vae {
             }
         }
         let decoded = self.decoder.predict(&team_for(n * k), &z)?;
-        for (row, (w, o)) in log_w.iter_mut().zip(decoded.chunks(PIXELS)).enumerate() {
-            let xi = &x[(row / k) * PIXELS..(row / k + 1) * PIXELS];
+        for (row, (w, o)) in log_w.iter_mut().zip(decoded.chunks(dim)).enumerate() {
+            let xi = &x[(row / k) * dim..(row / k + 1) * dim];
             *w -= neg_log_likelihood(xi, o, self.config.likelihood);
         }
         Ok(log_w
@@ -718,12 +777,12 @@ impl Vae {
             (
                 "encoder",
                 &checkpoint.encoder,
-                checkpoint.config.encoder_widths(),
+                checkpoint.config.encoder_widths(vae.dim()),
             ),
             (
                 "decoder",
                 &checkpoint.decoder,
-                checkpoint.config.decoder_widths(),
+                checkpoint.config.decoder_widths(vae.dim()),
             ),
         ] {
             let got = state.widths();
@@ -818,8 +877,9 @@ fn gather(
     eps: &mut Vec<f32>,
     noise: &mut StdRng,
 ) -> Result<()> {
-    x.resize(batch.len() * PIXELS, 0.0);
-    for (dst, &i) in x.chunks_exact_mut(PIXELS).zip(batch) {
+    let dim = data.train.dim;
+    x.resize(batch.len() * dim, 0.0);
+    for (dst, &i) in x.chunks_exact_mut(dim).zip(batch) {
         dst.copy_from_slice(data.train.image(i)?);
     }
     eps.resize(batch.len() * l, 0.0);
@@ -886,10 +946,17 @@ fn reparameterise_backward(
 }
 
 /// Σ over the batch of −log p(x | y), and ∂y = scale · ∂(−log p)/∂y.
-fn reconstruction(y: &[f32], x: &[f32], dy: &mut [f32], likelihood: Likelihood, scale: f32) -> f64 {
+fn reconstruction(
+    y: &[f32],
+    x: &[f32],
+    dy: &mut [f32],
+    likelihood: Likelihood,
+    scale: f32,
+    dim: usize,
+) -> f64 {
     match likelihood {
         Likelihood::Bernoulli | Likelihood::BinarisedBernoulli => {
-            crate::loss::bce_with_logits(y, x, dy, scale, PIXELS)
+            crate::loss::bce_with_logits(y, x, dy, scale, dim)
         }
         Likelihood::Gaussian { std } => {
             let inv_var = 1.0 / (std * std) as f32;
