@@ -1047,76 +1047,18 @@ impl Ddpm {
         keep: &[usize],
         clip_each_step: bool,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
-        ensure(
-            (1..=crate::mlp::MAX_ROWS).contains(&n),
-            "n",
-            n,
-            "ask for at least one sample (and at most about a million)",
-        )?;
-        let big_t = self.config.steps;
-        if let Some(t) = keep.iter().find(|&&t| t > big_t) {
-            return Err(Error::param(
-                "keep",
-                t,
-                format!("keep steps between 0 and T = {big_t}"),
-            ));
-        }
-        let (d, e) = (self.dim, self.config.embedding);
-        let mut rng = StdRng::seed_from_u64(seed);
-        let team = team_for(n);
-        // The denoiser's input rows [x_t, emb(t)]: x_t lives in the first d columns.
-        let mut input = vec![0.0f32; n * (d + e)];
-        for row in input.chunks_exact_mut(d + e) {
-            for v in &mut row[..d] {
-                *v = StandardNormal.sample(&mut rng);
-            }
-        }
-        let mut kept: Vec<Option<Vec<f32>>> = vec![None; keep.len()];
-        let snapshot = |input: &[f32], t: usize, kept: &mut Vec<Option<Vec<f32>>>| {
-            for (slot, _) in kept.iter_mut().zip(keep).filter(|(_, &k)| k == t) {
-                *slot = Some(
-                    input
-                        .chunks_exact(d + e)
-                        .flat_map(|r| &r[..d])
-                        .copied()
-                        .collect(),
-                );
-            }
+        let chain = Chain {
+            schedule: &self.schedule,
+            d: self.dim,
+            e: self.config.embedding,
+            embeddings: &self.embeddings,
+            clip: self.config.clip,
         };
-        snapshot(&input, big_t, &mut kept);
-        for t in (1..=big_t).rev() {
-            let emb = &self.embeddings[(t - 1) * e..t * e];
-            for row in input.chunks_exact_mut(d + e) {
-                row[d..].copy_from_slice(emb);
-            }
-            let (beta, alpha, ab) = (
-                self.schedule.betas[t - 1],
-                self.schedule.alphas[t - 1],
-                self.schedule.alpha_bars[t - 1],
-            );
-            let c_x = (1.0 / alpha.sqrt()) as f32;
-            let c_eps = (beta / (1.0 - ab).sqrt() / alpha.sqrt()) as f32;
-            let sigma = if t > 1 { beta.sqrt() as f32 } else { 0.0 };
-            let eps_hat = self.denoiser.infer(&team, &input)?;
-            let clip = self.config.clip.filter(|_| clip_each_step);
-            let (s, inv_a) = ((1.0 - ab).sqrt() as f32, (1.0 / ab.sqrt()) as f32);
-            for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
-                for j in 0..d {
-                    let (_, eps) = x0_and_eps(row[j], eh[j], s, inv_a, clip);
-                    row[j] = c_x * row[j] - c_eps * eps;
-                }
-                if sigma > 0.0 {
-                    for v in &mut row[..d] {
-                        let z: f32 = StandardNormal.sample(&mut rng);
-                        *v += sigma * z;
-                    }
-                }
-            }
-            snapshot(&input, t - 1, &mut kept);
-        }
-        let mut x = strip_embedding(&input, d, e);
-        self.clip(&mut x);
-        Ok((x, kept.into_iter().map(Option::unwrap_or_default).collect()))
+        let mut network = Network {
+            denoiser: &mut self.denoiser,
+            team: team_for(n),
+        };
+        chain.ancestral(n, seed, keep, clip_each_step, &mut network)
     }
 
     /// `n` samples by deterministic DDIM (η = 0) in `steps` steps τ_S > … > τ_1 evenly spread
@@ -1191,59 +1133,18 @@ impl Ddpm {
         steps: usize,
         clip_each_step: bool,
     ) -> Result<Vec<f32>> {
-        let big_t = self.config.steps;
-        ensure(
-            (1..=big_t).contains(&steps),
-            "steps",
-            steps,
-            &format!("DDIM takes between 1 and T = {big_t} steps, e.g. 20"),
-        )?;
-        let (d, e) = (self.dim, self.config.embedding);
-        check_rows("sample_ddim_from (x_t)", x_t, d)?;
-        let n = x_t.len() / d;
-        // τ_i = round(i · T / S) for i = 1..=S: distinct, ending at T.
-        let taus: Vec<usize> = (1..=steps)
-            .map(|i| ((i * big_t) as f64 / steps as f64).round() as usize)
-            .collect();
-        let team = team_for(n);
-        let mut input = vec![0.0f32; n * (d + e)];
-        for (row, x) in input.chunks_exact_mut(d + e).zip(x_t.chunks_exact(d)) {
-            row[..d].copy_from_slice(x);
-        }
-        let clip = self.config.clip.filter(|_| clip_each_step);
-        for i in (0..steps).rev() {
-            let t = taus[i];
-            let ab = self.schedule.alpha_bars[t - 1];
-            let ab_next = if i == 0 {
-                1.0
-            } else {
-                self.schedule.alpha_bars[taus[i - 1] - 1]
-            };
-            let emb = &self.embeddings[(t - 1) * e..t * e];
-            for row in input.chunks_exact_mut(d + e) {
-                row[d..].copy_from_slice(emb);
-            }
-            let (s, inv_a) = ((1.0 - ab).sqrt() as f32, (1.0 / ab.sqrt()) as f32);
-            let (a_next, s_next) = (ab_next.sqrt() as f32, (1.0 - ab_next).sqrt() as f32);
-            let eps_hat = self.denoiser.infer(&team, &input)?;
-            for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
-                for j in 0..d {
-                    let (x0, eps) = x0_and_eps(row[j], eh[j], s, inv_a, clip);
-                    row[j] = a_next * x0 + s_next * eps;
-                }
-            }
-        }
-        let mut x = strip_embedding(&input, d, e);
-        self.clip(&mut x);
-        Ok(x)
-    }
-
-    fn clip(&self, x: &mut [f32]) {
-        if let Some(c) = self.config.clip {
-            for v in x {
-                *v = v.clamp(-c, c);
-            }
-        }
+        let chain = Chain {
+            schedule: &self.schedule,
+            d: self.dim,
+            e: self.config.embedding,
+            embeddings: &self.embeddings,
+            clip: self.config.clip,
+        };
+        let mut network = Network {
+            denoiser: &mut self.denoiser,
+            team: team_for(x_t.len() / self.dim.max(1)),
+        };
+        chain.ddim(x_t, steps, clip_each_step, &mut network)
     }
 
     /// Saves a checkpoint (config, data, the denoiser with Adam's state, history) as JSON:
@@ -1519,6 +1420,251 @@ fn check_len(what: &str, want: usize, got: usize) -> Result<()> {
 }
 
 /// The x part of rows [x (d values), emb(t) (e values)].
+/// A noise predictor for the samplers: given the rows [x_t, emb(t)] (the embedding empty
+/// for [`sample_ddpm_with`] and [`sample_ddim_with`]) and t, ε̂ for each row (`d` values),
+/// lent from the predictor's own buffer (the network's output, copied nowhere).
+trait Predictor {
+    fn predict(&mut self, input: &[f32], t: usize) -> Result<&[f32]>;
+}
+
+/// The network ε_θ on its team.
+struct Network<'a> {
+    denoiser: &'a mut Mlp,
+    team: Team,
+}
+
+impl Predictor for Network<'_> {
+    fn predict(&mut self, input: &[f32], _t: usize) -> Result<&[f32]> {
+        self.denoiser.infer(&self.team, input)
+    }
+}
+
+/// A function of (x_t rows, t), its answer kept in a buffer.
+struct Function<F> {
+    f: F,
+    out: Vec<f32>,
+}
+
+impl<F: FnMut(&[f32], usize) -> Result<Vec<f32>>> Predictor for Function<F> {
+    fn predict(&mut self, input: &[f32], t: usize) -> Result<&[f32]> {
+        self.out = (self.f)(input, t)?;
+        Ok(&self.out)
+    }
+}
+
+/// What DDPM's and DDIM's samplers need besides the noise predictor: the schedule, the sizes,
+/// the time embeddings (rows of `e` for t = 1..=T) and the clipping range. The network's
+/// samplers and the oracle samplers run the same chain.
+struct Chain<'a> {
+    schedule: &'a NoiseSchedule,
+    d: usize,
+    e: usize,
+    embeddings: &'a [f32],
+    clip: Option<f32>,
+}
+
+impl Chain<'_> {
+    /// DDPM's ancestral sampling (see [`Ddpm::sample`], [`Ddpm::sample_clipping`],
+    /// [`Ddpm::sample_trajectory`]).
+    fn ancestral(
+        &self,
+        n: usize,
+        seed: u64,
+        keep: &[usize],
+        clip_each_step: bool,
+        predict: &mut impl Predictor,
+    ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        ensure(
+            (1..=crate::mlp::MAX_ROWS).contains(&n),
+            "n",
+            n,
+            "ask for at least one sample (and at most about a million)",
+        )?;
+        let big_t = self.schedule.steps();
+        if let Some(t) = keep.iter().find(|&&t| t > big_t) {
+            return Err(Error::param(
+                "keep",
+                t,
+                format!("keep steps between 0 and T = {big_t}"),
+            ));
+        }
+        let (d, e) = (self.d, self.e);
+        let mut rng = StdRng::seed_from_u64(seed);
+        // The denoiser's input rows [x_t, emb(t)]: x_t lives in the first d columns.
+        let mut input = vec![0.0f32; n * (d + e)];
+        for row in input.chunks_exact_mut(d + e) {
+            for v in &mut row[..d] {
+                *v = StandardNormal.sample(&mut rng);
+            }
+        }
+        let mut kept: Vec<Option<Vec<f32>>> = vec![None; keep.len()];
+        let snapshot = |input: &[f32], t: usize, kept: &mut Vec<Option<Vec<f32>>>| {
+            for (slot, _) in kept.iter_mut().zip(keep).filter(|(_, &k)| k == t) {
+                *slot = Some(strip_embedding(input, d, e));
+            }
+        };
+        snapshot(&input, big_t, &mut kept);
+        for t in (1..=big_t).rev() {
+            let emb = &self.embeddings[(t - 1) * e..t * e];
+            for row in input.chunks_exact_mut(d + e) {
+                row[d..].copy_from_slice(emb);
+            }
+            let (beta, alpha, ab) = (
+                self.schedule.betas[t - 1],
+                self.schedule.alphas[t - 1],
+                self.schedule.alpha_bars[t - 1],
+            );
+            let c_x = (1.0 / alpha.sqrt()) as f32;
+            let c_eps = (beta / (1.0 - ab).sqrt() / alpha.sqrt()) as f32;
+            let sigma = if t > 1 { beta.sqrt() as f32 } else { 0.0 };
+            let eps_hat = predict.predict(&input, t)?;
+            check_len("the noise predictor's output", n * d, eps_hat.len())?;
+            let clip = self.clip.filter(|_| clip_each_step);
+            let (s, inv_a) = ((1.0 - ab).sqrt() as f32, (1.0 / ab.sqrt()) as f32);
+            for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
+                for j in 0..d {
+                    let (_, eps) = x0_and_eps(row[j], eh[j], s, inv_a, clip);
+                    row[j] = c_x * row[j] - c_eps * eps;
+                }
+                if sigma > 0.0 {
+                    for v in &mut row[..d] {
+                        let z: f32 = StandardNormal.sample(&mut rng);
+                        *v += sigma * z;
+                    }
+                }
+            }
+            snapshot(&input, t - 1, &mut kept);
+        }
+        let mut x = strip_embedding(&input, d, e);
+        self.clip_final(&mut x);
+        Ok((x, kept.into_iter().map(Option::unwrap_or_default).collect()))
+    }
+
+    /// Deterministic DDIM from `x_t` (see [`Ddpm::sample_ddim_clipping`]).
+    fn ddim(
+        &self,
+        x_t: &[f32],
+        steps: usize,
+        clip_each_step: bool,
+        predict: &mut impl Predictor,
+    ) -> Result<Vec<f32>> {
+        let big_t = self.schedule.steps();
+        ensure(
+            (1..=big_t).contains(&steps),
+            "steps",
+            steps,
+            &format!("DDIM takes between 1 and T = {big_t} steps, e.g. 20"),
+        )?;
+        let (d, e) = (self.d, self.e);
+        check_rows("sample_ddim_from (x_t)", x_t, d)?;
+        let n = x_t.len() / d;
+        // τ_i = round(i · T / S) for i = 1..=S: distinct, ending at T.
+        let taus: Vec<usize> = (1..=steps)
+            .map(|i| ((i * big_t) as f64 / steps as f64).round() as usize)
+            .collect();
+        let mut input = vec![0.0f32; n * (d + e)];
+        for (row, x) in input.chunks_exact_mut(d + e).zip(x_t.chunks_exact(d)) {
+            row[..d].copy_from_slice(x);
+        }
+        let clip = self.clip.filter(|_| clip_each_step);
+        for i in (0..steps).rev() {
+            let t = taus[i];
+            let ab = self.schedule.alpha_bars[t - 1];
+            let ab_next = if i == 0 {
+                1.0
+            } else {
+                self.schedule.alpha_bars[taus[i - 1] - 1]
+            };
+            let emb = &self.embeddings[(t - 1) * e..t * e];
+            for row in input.chunks_exact_mut(d + e) {
+                row[d..].copy_from_slice(emb);
+            }
+            let (s, inv_a) = ((1.0 - ab).sqrt() as f32, (1.0 / ab.sqrt()) as f32);
+            let (a_next, s_next) = (ab_next.sqrt() as f32, (1.0 - ab_next).sqrt() as f32);
+            let eps_hat = predict.predict(&input, t)?;
+            check_len("the noise predictor's output", n * d, eps_hat.len())?;
+            for (row, eh) in input.chunks_exact_mut(d + e).zip(eps_hat.chunks_exact(d)) {
+                for j in 0..d {
+                    let (x0, eps) = x0_and_eps(row[j], eh[j], s, inv_a, clip);
+                    row[j] = a_next * x0 + s_next * eps;
+                }
+            }
+        }
+        let mut x = strip_embedding(&input, d, e);
+        self.clip_final(&mut x);
+        Ok(x)
+    }
+
+    fn clip_final(&self, x: &mut [f32]) {
+        if let Some(c) = self.clip {
+            for v in x {
+                *v = v.clamp(-c, c);
+            }
+        }
+    }
+}
+
+/// DDPM's ancestral sampler ([`Ddpm::sample`]) with any noise predictor in place of the
+/// network, no clipping: `predict(x_t, t)` gets `n` rows of `dim` values at step t and returns
+/// ε̂ for each row. The network's sampler runs this same chain with ε_θ; given the exact
+/// E[ε | x_t] (Gaussian data have it in closed form) it is the sampler's oracle: its samples
+/// must have the data's distribution, up to the discretisation of T steps.
+pub fn sample_ddpm_with(
+    schedule: &NoiseSchedule,
+    dim: usize,
+    n: usize,
+    seed: u64,
+    predict: impl FnMut(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    ensure(
+        dim >= 1,
+        "dim",
+        dim,
+        "each example needs at least one value",
+    )?;
+    let chain = Chain {
+        schedule,
+        d: dim,
+        e: 0,
+        embeddings: &[],
+        clip: None,
+    };
+    let mut predict = Function {
+        f: predict,
+        out: vec![],
+    };
+    Ok(chain.ancestral(n, seed, &[], false, &mut predict)?.0)
+}
+
+/// Deterministic DDIM ([`Ddpm::sample_ddim_from`]) with any noise predictor, from the rows
+/// `x_t` (of `dim` values) at t = T, in `steps` steps, no clipping; see [`sample_ddpm_with`].
+pub fn sample_ddim_with(
+    schedule: &NoiseSchedule,
+    dim: usize,
+    x_t: &[f32],
+    steps: usize,
+    predict: impl FnMut(&[f32], usize) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    ensure(
+        dim >= 1,
+        "dim",
+        dim,
+        "each example needs at least one value",
+    )?;
+    let chain = Chain {
+        schedule,
+        d: dim,
+        e: 0,
+        embeddings: &[],
+        clip: None,
+    };
+    let mut predict = Function {
+        f: predict,
+        out: vec![],
+    };
+    chain.ddim(x_t, steps, false, &mut predict)
+}
+
 fn strip_embedding(input: &[f32], d: usize, e: usize) -> Vec<f32> {
     input
         .chunks_exact(d + e)
