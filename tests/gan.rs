@@ -205,3 +205,117 @@ fn a_strong_discriminator_drops_modes_and_packing_recovers_them() {
         "PacGAN2 should cover more modes in total: {packed:?} vs {plain:?}"
     );
 }
+
+/// A few generator steps through the public `g_step`, with D trained a little first and then
+/// frozen, raise D(G(z)) on a fixed set of z for both losses: each pushes the fakes toward
+/// "real" (the minimax loss with a small gradient, which Adam rescales). A loss whose sign
+/// is flipped lowers it instead.
+#[test]
+fn generator_steps_raise_d_of_g_for_both_losses() {
+    use genlab::gan::GanLoss;
+    let z: Vec<f32> = genlab::diffusion::standard_normal(1024 * 2, 5)
+        .iter()
+        .map(|&v| v as f32)
+        .collect();
+    for loss in [GanLoss::NonSaturating, GanLoss::Minimax] {
+        let config = GanConfig {
+            loss,
+            seed: 3,
+            g_lr: 1e-3,
+            ..GanConfig::default()
+        };
+        let mut gan = Gan::new(config, GanData::ring()).unwrap();
+        gan.verbose = false;
+        gan.train_discriminator(100).unwrap();
+        let mean_d = |gan: &Gan| -> f64 {
+            let d = gan.discriminate(&gan.generate(&z).unwrap()).unwrap();
+            d.iter().map(|&v| v as f64).sum::<f64>() / d.len() as f64
+        };
+        let before = mean_d(&gan);
+        let team = genlab::mlp::Team::new(1);
+        for i in 0..10 {
+            gan.g_step(&team, i).unwrap();
+        }
+        let after = mean_d(&gan);
+        eprintln!("{loss:?}: mean D(G(z)) {before:.4} → {after:.4}");
+        assert!(after > before + 0.01, "{loss:?}: {before:.4} → {after:.4}");
+    }
+}
+
+/// Chapter 4's 1-D GAN learns: the Jensen–Shannon divergence between p_g (exact on a grid,
+/// from the frozen generator) and the two-mode data falls from the untrained generator's to
+/// a small fraction of it after the chapter's 4,000 iterations.
+#[test]
+fn the_one_d_gan_brings_js_down() {
+    let data = GanData::Mixture1d {
+        weights: vec![0.5, 0.5],
+        means: vec![-1.5, 1.5],
+        stds: vec![0.5, 0.5],
+    };
+    let js = |gan: &Gan| -> f64 {
+        let o = gan.optimal_discriminator_1d(-4.0, 4.0, 160).unwrap();
+        o.p_data
+            .iter()
+            .zip(&o.p_g)
+            .map(|(&p, &q)| {
+                let m = 0.5 * (p + q);
+                let a = if p > 0.0 { p * (p / m).ln() } else { 0.0 };
+                let b = if q > 0.0 { q * (q / m).ln() } else { 0.0 };
+                0.5 * (a + b)
+            })
+            .sum::<f64>()
+            * 0.05
+    };
+    let mut gan = Gan::new(
+        GanConfig {
+            latent: 1,
+            ..GanConfig::default()
+        },
+        data,
+    )
+    .unwrap();
+    gan.verbose = false;
+    let before = js(&gan);
+    gan.train(4000).unwrap();
+    let after = js(&gan);
+    eprintln!("JS untrained {before:.4}, after 4000 iterations {after:.4}");
+    assert!(after < 0.25 * before, "{before:.4} → {after:.4}");
+}
+
+/// Chapter 4's digits comparison: GAN samples have fewer grey pixels (0.2 to 0.8) than the
+/// VAE's mean images after the same number of steps (the VAE's decoder averages; the GAN's
+/// generator is pushed toward what looks real).
+#[test]
+fn gan_digits_have_fewer_grey_pixels_than_vae_means() {
+    use genlab::gan::GenOutput;
+    use genlab::vae::{share_between, Vae, VaeConfig};
+    let iters = 2000;
+    let config = GanConfig {
+        latent: 16,
+        g_hidden: 256,
+        d_hidden: 256,
+        output: GenOutput::Sigmoid,
+        batch_size: 64,
+        g_lr: 1e-3,
+        d_lr: 1e-3,
+        iterations: iters,
+        ..GanConfig::default()
+    };
+    let mut gan = Gan::new(config, GanData::digits(genlab::data::Scale::Unit).unwrap()).unwrap();
+    gan.verbose = false;
+    gan.metrics_every = 0;
+    gan.train(iters).unwrap();
+    let mut vae = Vae::new(VaeConfig {
+        epochs: iters.div_ceil(14),
+        ..VaeConfig::default()
+    })
+    .unwrap();
+    vae.verbose = false;
+    vae.train(iters.div_ceil(14)).unwrap();
+    let (g, v) = (
+        share_between(&gan.sample(300, 1).unwrap(), 0.2, 0.8),
+        share_between(&vae.sample(300, 1).unwrap(), 0.2, 0.8),
+    );
+    eprintln!("grey share: GAN {g:.3}, VAE {v:.3}");
+    assert!(g < v, "GAN {g:.3} vs VAE {v:.3}");
+}
