@@ -729,22 +729,30 @@ fn cargo_tests(root: &Path, run: &mut Runner) -> Result<()> {
     cmd.args(["test", "--workspace"]).current_dir(root);
     run.run(&mut cmd)?;
     println!("[test] cargo test: passed at {:.1} s", run.elapsed());
-    // The build a learner on an ARM laptop gets: every x86-64 kernel compiled out. The
-    // library's tests (the kernels, the engine, every module's unit tests) and the tests of the
-    // engine's gradients against dfdx and of its safety; the integration tests that train
-    // full-size GANs and DDPMs run once, above (minutes on the portable kernel, and the same
-    // portable arithmetic is what the gradient checks compare with dfdx).
+    // The build a learner on an ARM laptop gets: every x86-64 kernel compiled out. The same
+    // tests, less the four that train many or large models (minutes each on the portable
+    // kernel; the gradient checks against dfdx cover its arithmetic, and the cheaper tests of
+    // the same models, e.g. the samplers' oracle and the GAN's steps, run here too).
     let mut cmd = run.command("cargo");
-    cmd.args(["test", "-p", "genlab", "--features", "portable", "--lib"])
-        .args([
-            "--test",
-            "vae",
-            "--test",
-            "safety",
-            "--test",
-            "config_props",
-        ])
-        .current_dir(root);
+    cmd.args([
+        "test",
+        "-p",
+        "genlab",
+        "--features",
+        "portable",
+        "--lib",
+        "--tests",
+        "--",
+        "--skip",
+        "a_strong_discriminator_drops_modes_and_packing_recovers_them",
+        "--skip",
+        "ddim_in_50_steps_is_within_10_percent_of_ddpm",
+        "--skip",
+        "the_plain_gan_covers_the_ring_at_w2_settings",
+        "--skip",
+        "gan_digits_have_fewer_grey_pixels_than_vae_means",
+    ])
+    .current_dir(root);
     run.run(&mut cmd)?;
     println!(
         "[test] cargo test --features portable: passed at {:.1} s",
