@@ -667,6 +667,7 @@ impl Figure {
         for ext in ["svg", "png"] {
             if let Err(e) = self.save(dir.join(format!("{stem}.{ext}"))) {
                 eprintln!("genlab: could not export {stem}.{ext}: {e}");
+                record_figure_error(&format!("could not export {stem}.{ext}: {e}"));
                 saved = false;
             }
         }
@@ -1070,10 +1071,36 @@ impl Png {
 }
 
 /// Shows why a figure could not be drawn, on stderr (where notebook tests look for errors) and
-/// as the cell's result.
+/// as the cell's result, and records it for the notebook runner ([`FIGURE_ERRORS`]).
 fn display_error(e: &Error) {
     eprintln!("genlab: the figure could not be drawn: {e}");
+    record_figure_error(&format!("the figure could not be drawn: {e}"));
     println!("EVCXR_BEGIN_CONTENT text/plain\nfigure not drawn: {e}\nEVCXR_END_CONTENT");
+}
+
+/// The file in the export folder where, under the notebook runner (`GENLAB_AUTO_EXPORT` set),
+/// a figure that could not be drawn or exported is recorded, one line each. evcxr sends stderr
+/// late or never (evcxr #353), and such a cell still runs to its end; the runner reads this
+/// file after every cell, before the next one starts, and fails the cell that wrote to it.
+pub const FIGURE_ERRORS: &str = "genlab-figure-errors.txt";
+
+fn record_figure_error(message: &str) {
+    if std::env::var_os("GENLAB_AUTO_EXPORT").is_none() {
+        return;
+    }
+    use std::io::Write;
+    let path = export_dir().join(FIGURE_ERRORS);
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{}", message.replace('\n', " ")));
+    if let Err(e) = written {
+        eprintln!(
+            "genlab: could not record a figure error in {}: {e}",
+            path.display()
+        );
+    }
 }
 
 /// The MIME type of the record each displayed figure carries next to its image (title, name,

@@ -14,8 +14,11 @@ returned with `?` only on stderr, with an "ok" reply, and sends stderr from anot
 the cell's idle status can come first and the message late or never; the runner therefore
 does not rely on it: each cell's code runs with `let genlab_cell_ran: [(); N] = [(); N];` in
 front of its first line, which evcxr keeps only if the cell completes, and `:vars` after the
-cell says whether it did (see `instrument`). A cell tagged `raises-error` must instead stop
-with an error message (containing its metadata `genlab.expect_error`, if given), and a
+cell says whether it did (see `instrument`). A cell also fails when its value is an `Err(..)` (its
+last expression was a failed `Result`, displayed instead of stopping the cell), and when one of
+its figures could not be drawn or exported (genlab records that in the export folder's
+`genlab-figure-errors.txt` before the cell ends; see `plot::FIGURE_ERRORS`). A cell tagged
+`raises-error` must instead stop with an error message (containing its metadata `genlab.expect_error`, if given), and a
 notebook whose metadata names `genlab.require_stdout` must print that line.
 The executed copy and every figure the notebook displayed go to `<export-root>/<notebook>/`.
 """
@@ -147,6 +150,11 @@ COMMAND_LINE = re.compile(r"^ *:|^!")
 RAISES = "raises-error"
 # The first words of a demonstration's note (genlab::DEMO_NOTE, src/error.rs).
 DEMO_NOTE = "⚠ 演示没有成立 (demonstration did not hold)"
+# genlab's `plot::FIGURE_ERRORS`: the export folder's record of figures that could not be drawn
+# or exported, written by the cell itself (so it is there when the cell's reply comes).
+FIGURE_ERRORS = "genlab-figure-errors.txt"
+# Lines evcxr takes as commands: only at the top of a cell, before its first line of code.
+COMMENT_OR_BLANK = re.compile(r"^\s*(//.*)?$")
 # How long a failed cell's error message may take to arrive after the cell's reply.
 ERROR_WAIT = 10.0
 
@@ -160,7 +168,14 @@ def instrument(source, n):
     returned with `?`, a panic or a compile error drops it. `:vars` after the cell then says
     whether it completed, whatever happened to its stderr."""
     lines = source.split("\n")
-    last_command = max((i for i, line in enumerate(lines) if COMMAND_LINE.match(line)), default=-1)
+    # Commands count only in the cell's leading block of commands, comments and blank lines:
+    # after the first line of code, a line starting with `:` or `!` is Rust (`::std::…`, `!ok`).
+    last_command = -1
+    for i, line in enumerate(lines):
+        if COMMAND_LINE.match(line):
+            last_command = i
+        elif not COMMENT_OR_BLANK.match(line):
+            break
     rest = lines[last_command + 1:]
     if not any(line.strip() and not line.lstrip().startswith("//") for line in rest):
         return None
@@ -187,6 +202,28 @@ def error_text(cell, kinds=("error", "stderr")):
     return "".join(parts).strip()
 
 
+def err_value(cell):
+    """The text of a cell's result when it is an `Err(..)` (the cell's last expression was a
+    `Result` that failed, shown by evcxr as its value instead of stopping the cell); else None."""
+    for out in cell.get("outputs", []):
+        if out.output_type == "execute_result":
+            text = out.get("data", {}).get("text/plain", "")
+            text = "".join(text) if isinstance(text, list) else text
+            if text.lstrip().startswith("Err("):
+                return text.strip()
+    return None
+
+
+def new_figure_errors(folder, seen):
+    """What the export folder's FIGURE_ERRORS file gained past its first `seen` bytes, and its
+    new length."""
+    path = Path(folder) / FIGURE_ERRORS
+    if not path.is_file():
+        return "", seen
+    data = path.read_bytes()
+    return data[seen:].decode("utf-8", "replace").strip(), len(data)
+
+
 def stdout_text(cells):
     """Everything the cells printed on stdout."""
     return "".join(out.text for cell in cells for out in cell.get("outputs", [])
@@ -203,6 +240,10 @@ def verdict(cell, ran_to_end):
     so does a message without the text in its metadata `genlab.expect_error`, if given."""
     error = error_text(cell)
     if RAISES not in cell.get("metadata", {}).get("tags", []):
+        value = err_value(cell)
+        if value and not error:
+            return (f"the cell's value is an `Err` (it ran to its end and displayed the error as its "
+                    f"result; add `?` to stop on it):\n{value}")
         if ran_to_end is False and not error:
             return ("the cell stopped before its end (an `Err` returned with `?`, or a panic) and its "
                     f"error message never arrived (waited {ERROR_WAIT:.0f} s; evcxr sends stderr "
@@ -362,6 +403,7 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
         with client.setup_kernel():
             runner = CellRunner(client)
             last = None
+            figure_errors_seen = 0
             for index, cell in enumerate(nb.cells):
                 if cell.cell_type != "code":
                     continue
@@ -378,6 +420,9 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
                 first = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
                 text = error_text(cell)
                 why = crashed or verdict(cell, probe["ran_to_end"])
+                figure_errors, figure_errors_seen = new_figure_errors(out_dir, figure_errors_seen)
+                if figure_errors and not why:
+                    why = f"a figure of this cell could not be drawn or exported:\n{figure_errors}"
                 mark = "raised as expected" if expects_error and not why else ""
                 notes = demo_notes(cell)
                 records.append({"cell": index, "seconds": round(seconds, 3), "first_line": first,
@@ -433,7 +478,8 @@ def main():
     p.add_argument("--smoke", action="store_true", help="apply each notebook's smoke parameters first")
     p.add_argument("--export-root", type=Path, default=Path("exports"))
     p.add_argument("--kernel", default="genlab-rust")
-    p.add_argument("--timeout", type=int, default=3600, help="seconds per cell")
+    p.add_argument("--timeout", type=int, default=900,
+                   help="seconds per cell (the slowest cell of a chapter at its defaults takes about a minute)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="strict", action="store_true", default=None,
                       help="a demonstration that does not hold is an error (GENLAB_STRICT=1)")

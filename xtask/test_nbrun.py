@@ -223,6 +223,14 @@ class Instrument(unittest.TestCase):
         self.assertIsNone(instrument(":dep genlab = { path = \"..\" }\n// nothing else\n", 1))
         self.assertIsNone(instrument("", 1))
 
+    def test_command_lines_count_only_before_the_first_line_of_code(self):
+        # evcxr takes `:` and `!` lines as commands only at the top of a cell: later they are Rust.
+        for source in ["let x = 1;\n::std::mem::drop(x);", "let ok = f();\nlet b = g() &&\n!ok;"]:
+            code = instrument(source, 4)
+            self.assertTrue(code.startswith("let genlab_cell_ran: [(); 4] = [(); 4]; let "), code)
+        code = instrument("// setup\n:dep genlab\n\n:opt 0\nlet a = 1;\n::std::mem::drop(a);", 5)
+        self.assertEqual(code.split("\n")[4], "let genlab_cell_ran: [(); 5] = [(); 5]; let a = 1;")
+
     def test_completed_reads_the_vars_listing(self):
         listing = "genlab_cell_ran: [(); 12]\nvae: Vae\n"
         self.assertTrue(completed(listing, 12))
@@ -267,6 +275,32 @@ class Verdict(unittest.TestCase):
         self.assertRegex(verdict(cell, False), "should contain `lr`")
         cell = executed("f()?;", ("stderr", "lr = -1 must be > 0\n"), tags=[RAISES], expect="lr")
         self.assertIsNone(verdict(cell, False))
+
+    def test_a_cell_whose_value_is_an_err_fails(self):
+        cell = executed("v.train(0)")
+        cell.outputs.append(nbformat.v4.new_output(
+            "execute_result", data={"text/plain": "Err(Param { name: \"epochs\" })"}, execution_count=1))
+        self.assertRegex(verdict(cell, True), "value is an `Err`.*\n.*epochs")
+        ok = executed("v.train(1)")
+        ok.outputs.append(nbformat.v4.new_output("execute_result", data={"text/plain": "Ok(())"},
+                                                 execution_count=1))
+        self.assertIsNone(verdict(ok, True))
+
+    def test_figure_errors_are_read_from_the_export_folder_as_they_grow(self):
+        with tempfile.TemporaryDirectory() as tmp:
+            self.assertEqual(nbrun.new_figure_errors(tmp, 0), ("", 0))
+            path = Path(tmp) / nbrun.FIGURE_ERRORS
+            path.write_text("the figure could not be drawn: series `y`\n")
+            text, seen = nbrun.new_figure_errors(tmp, 0)
+            self.assertIn("series `y`", text)
+            self.assertEqual(nbrun.new_figure_errors(tmp, seen), ("", seen))  # nothing new
+            with path.open("a") as f:
+                f.write("could not export 03-x.png: disk full\n")
+            self.assertEqual(nbrun.new_figure_errors(tmp, seen)[0], "could not export 03-x.png: disk full")
+
+    def test_the_figure_errors_file_is_the_crates(self):
+        plot_rs = (Path(__file__).parent.parent / "src/plot.rs").read_text()
+        self.assertIn(f'pub const FIGURE_ERRORS: &str = "{nbrun.FIGURE_ERRORS}";', plot_rs)
 
     def test_stdout_text(self):
         cells = [executed("a", ("stdout", "one\n"), ("stderr", "x\n")), executed("b", ("stdout", "two\n"))]
