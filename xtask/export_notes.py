@@ -45,7 +45,7 @@ from pathlib import Path
 import nbformat
 
 sys.path.insert(0, str(Path(__file__).parent))
-from nbrun import ParamError, declared_parameters  # noqa: E402
+from nbrun import FIGURE_ERRORS, ParamError, declared_parameters, stdout_text  # noqa: E402
 
 FIGURE_MIME = "application/vnd.genlab.figure+json"
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -141,9 +141,26 @@ def figure_outputs(nb):
     return found
 
 
-def run_problems(nb):
-    """Why an executed copy cannot be used as it stands (empty when it can)."""
+def run_problems(nb, folder=None):
+    """Why an executed copy cannot be used as it stands (empty when it can): a cell that did not
+    run or has error output, a figure that was not drawn, an image without genlab's record, the
+    notebook's pass line (metadata `genlab.require_stdout`) never printed; and, from the run's
+    own records in `folder` (the runner's `timings.json` and the figure-errors file), a cell the
+    runner failed (e.g. one that stopped early with its message lost) or a figure that could not
+    be exported."""
     problems = []
+    required = nb.metadata.get("genlab", {}).get("require_stdout")
+    if required and required not in stdout_text(nb.cells):
+        problems.append(f"it never printed its pass line `{required}`")
+    if folder is not None:
+        timings = Path(folder) / "timings.json"
+        if timings.is_file():
+            failed = [r.get("cell") for r in json.loads(timings.read_text()).get("cells", []) if r.get("failed")]
+            if failed:
+                problems.append(f"the runner failed cell {failed[0]} in that run")
+        errors = Path(folder) / FIGURE_ERRORS
+        if errors.is_file() and errors.read_text(encoding="utf-8", errors="replace").strip():
+            problems.append(f"a figure could not be drawn or exported in that run ({errors.name})")
     for i, cell in enumerate(nb.cells):
         if cell.cell_type != "code" or not cell.source.strip():
             continue
@@ -155,6 +172,9 @@ def run_problems(nb):
                                               and output_text(out).strip()):
                 problems.append(f"cell {i} has error output")
             data = out.get("data", {}) if out.output_type in ("execute_result", "display_data") else {}
+            plain = data.get("text/plain", "")
+            if ("".join(plain) if isinstance(plain, list) else plain).startswith("figure not drawn:"):
+                problems.append(f"cell {i} has a figure that was not drawn")
             if ("image/png" in data or "image/svg+xml" in data) and FIGURE_MIME not in data:
                 problems.append(f"cell {i} has a figure without genlab's figure record (an older run)")
     return problems
@@ -454,7 +474,7 @@ def stale_reason(notebook, executed, crate_time):
         return "the notebook changed since its last run"
     if t < crate_time:
         return "the crate changed since its last run"
-    problems = run_problems(nbformat.read(executed, as_version=4))
+    problems = run_problems(nbformat.read(executed, as_version=4), executed.parent)
     return "; ".join(problems) if problems else None
 
 
@@ -474,6 +494,9 @@ def export(notebooks, exports, out, quiet=False):
         if not executed.is_file():
             raise ExportError(f"{executed} does not exist: run the chapter first")
         nb = nbformat.read(executed, as_version=4)
+        problems = run_problems(nb, executed.parent)
+        if problems:
+            raise ExportError(f"{executed} cannot be exported: {'; '.join(problems)}")
         _, stems = render_chapter(nb, notebook.stem, executed.parent, docs)
         total += len(stems)
         if not quiet:

@@ -1,5 +1,6 @@
 """Unit tests of the notes exporter (run by `cargo xtask test`): pages, stable figure names, the
 MkDocs build and its link check, on small executed notebooks made here (no kernel)."""
+import json
 import shutil
 import sys
 import tempfile
@@ -157,6 +158,40 @@ class Reuse(unittest.TestCase):
         nb = chapter(["a"])
         nb.cells[5].execution_count = None
         self.assertEqual(run_problems(nb), ["cell 5 did not run"])
+
+    def test_the_runs_own_records_count(self):
+        # The runner's verdict (a cell that stopped early, its message lost: no error output in
+        # the copy), the pass line, a figure not drawn, a figure that could not be exported.
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp)
+            nb = chapter(["a"])
+            (folder / "timings.json").write_text(json.dumps({"cells": [
+                {"cell": 4, "failed": False}, {"cell": 5, "failed": True}]}))
+            self.assertEqual(run_problems(nb, folder), ["the runner failed cell 5 in that run"])
+            (folder / "timings.json").write_text(json.dumps({"cells": [{"cell": 5, "failed": False}]}))
+            self.assertEqual(run_problems(nb, folder), [])
+            (folder / "genlab-figure-errors.txt").write_text("could not export 01-a.png: disk full\n")
+            self.assertIn("could not be drawn or exported", run_problems(nb, folder)[0])
+        nb = chapter(["a"])
+        nb.metadata["genlab"] = {"require_stdout": "all checks passed"}
+        self.assertEqual(run_problems(nb), ["it never printed its pass line `all checks passed`"])
+        nb.cells[4].outputs.append(nbformat.v4.new_output("stream", name="stdout", text="all checks passed\n"))
+        self.assertEqual(run_problems(nb), [])
+        nb.cells[4].outputs.append(nbformat.v4.new_output(
+            "execute_result", data={"text/plain": "figure not drawn: series `y`"}, execution_count=1))
+        self.assertEqual(run_problems(nb), ["cell 4 has a figure that was not drawn"])
+
+    def test_a_run_with_problems_is_not_exported(self):
+        # A figure never drawn leaves no image for the site's count to miss: the export refuses.
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp = Path(tmp)
+            nb = chapter(["a"])
+            nb.cells[4].outputs.append(nbformat.v4.new_output(
+                "execute_result", data={"text/plain": "figure not drawn: series `y`"}, execution_count=1))
+            (tmp / "exports/01_x").mkdir(parents=True)
+            nbformat.write(nb, tmp / "exports/01_x/01_x.ipynb")
+            with self.assertRaisesRegex(ExportError, "not drawn"):
+                export([tmp / "01_x.ipynb"], tmp / "exports", tmp / "notes", quiet=True)
 
 
 if __name__ == "__main__":
