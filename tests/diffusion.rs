@@ -177,35 +177,104 @@ fn nn_mean(samples: &[[f32; 2]], data: &[[f32; 2]]) -> f64 {
     nearest_distance_mean(&a, &b, 2).unwrap()
 }
 
-/// A short training on the swiss roll gives samples measurably closer to the data than the
-/// prior N(0, I). The bar sits halfway between the prior's mean distance to its nearest data
-/// point and that of held-out swiss-roll points (what a perfect model would reach): an
-/// untrained denoiser (ε̂ ≈ 0 at initialisation) leaves samples as spread as the prior and
-/// cannot pass it.
+/// A short training on the swiss roll learns its shape, by two measures against the baseline
+/// that knows only the data's mean and covariance (a Gaussian fitted to the roll, which fills
+/// the spiral's gaps): precision (samples → nearest data point) and coverage (held-out data →
+/// nearest sample). Each bar sits halfway between that Gaussian's score and what fresh
+/// swiss-roll points score (a perfect model): the trained DDPM must pass both; the fitted
+/// Gaussian, by construction, passes neither.
 #[test]
 fn a_short_training_on_the_swiss_roll_beats_the_prior() {
     let data = swiss_roll(2000, 0.05, 0).xy;
     let held_out = swiss_roll(1000, 0.05, 1).xy;
-    let prior: Vec<[f32; 2]> = {
+    let fresh = swiss_roll(1000, 0.05, 2).xy;
+    // N(mean, Σ) of the data, sampled through the Cholesky factor of Σ.
+    let gaussian: Vec<[f32; 2]> = {
+        let n = data.len() as f64;
+        let m = [0, 1].map(|j| data.iter().map(|p| p[j] as f64).sum::<f64>() / n);
+        let c = |a: usize, b: usize| {
+            data.iter()
+                .map(|p| (p[a] as f64 - m[a]) * (p[b] as f64 - m[b]))
+                .sum::<f64>()
+                / n
+        };
+        let l00 = c(0, 0).sqrt();
+        let l10 = c(1, 0) / l00;
+        let l11 = (c(1, 1) - l10 * l10).sqrt();
         let mut r = rng(5);
         (0..1000)
-            .map(|_| [StandardNormal.sample(&mut r), StandardNormal.sample(&mut r)])
+            .map(|_| {
+                let (e0, e1): (f64, f64) =
+                    (StandardNormal.sample(&mut r), StandardNormal.sample(&mut r));
+                [
+                    (m[0] + l00 * e0) as f32,
+                    (m[1] + l10 * e0 + l11 * e1) as f32,
+                ]
+            })
             .collect()
     };
-    let (d_prior, d_data) = (nn_mean(&prior, &data), nn_mean(&held_out, &data));
-    let bar = 0.5 * (d_prior + d_data);
+    let scores = |samples: &[[f32; 2]]| (nn_mean(samples, &data), nn_mean(&held_out, samples));
+    let (g_precision, g_coverage) = scores(&gaussian);
+    let (f_precision, f_coverage) = scores(&fresh);
+    let bars = (
+        0.5 * (g_precision + f_precision),
+        0.5 * (g_coverage + f_coverage),
+    );
     let mut ddpm = Ddpm::points(DdpmConfig::toy_2d(), &data).unwrap();
     ddpm.verbose = false;
-    let to_points = |x: Vec<f32>| -> Vec<[f32; 2]> { x.chunks(2).map(|c| [c[0], c[1]]).collect() };
-    let untrained = nn_mean(&to_points(ddpm.sample(1000, 6).unwrap()), &data);
     ddpm.train(1500).unwrap();
-    let trained = nn_mean(&to_points(ddpm.sample(1000, 6).unwrap()), &data);
-    eprintln!("prior {d_prior:.4}, held-out {d_data:.4}, bar {bar:.4}, untrained {untrained:.4}, trained {trained:.4}");
-    assert!(
-        untrained > bar,
-        "untrained {untrained} should not pass the bar {bar}"
+    let samples: Vec<[f32; 2]> = ddpm
+        .sample(1000, 6)
+        .unwrap()
+        .chunks(2)
+        .map(|c| [c[0], c[1]])
+        .collect();
+    let (precision, coverage) = scores(&samples);
+    eprintln!(
+        "precision: Gaussian {g_precision:.4}, fresh data {f_precision:.4}, DDPM {precision:.4}; \
+         coverage: Gaussian {g_coverage:.4}, fresh data {f_coverage:.4}, DDPM {coverage:.4}"
     );
-    assert!(trained < bar, "trained {trained} should pass the bar {bar}");
+    assert!(g_precision > bars.0 && g_coverage > bars.1);
+    assert!(
+        precision < bars.0,
+        "precision {precision} vs bar {}",
+        bars.0
+    );
+    assert!(coverage < bars.1, "coverage {coverage} vs bar {}", bars.1);
+}
+
+/// Two schedules against values computed here from their definitions, independently of
+/// `NoiseSchedule`: W3 v2's linear β_t = 5e-4 + (0.1 − 5e-4)(t − 1)/199 with ᾱ_t the running
+/// product of 1 − β_s, and the cosine schedule's ᾱ_t = f(t)/f(0), f(t) = cos²(π/2 · (t/T + s)/(1 + s)),
+/// s = 0.008 (until its β is clipped at 0.999, in the last step).
+#[test]
+fn schedules_match_their_definitions() {
+    let linear = NoiseSchedule::new(Schedule::w3(), 200).unwrap();
+    let mut product = 1.0f64;
+    for t in 1..=200 {
+        let beta = 5e-4 + (0.1 - 5e-4) * (t - 1) as f64 / 199.0;
+        product *= 1.0 - beta;
+        assert!((linear.beta(t).unwrap() - beta).abs() < 1e-15, "β_{t}");
+        assert!(
+            (linear.alpha_bar(t).unwrap() - product).abs() < 1e-12 * product.max(1e-300),
+            "ᾱ_{t}"
+        );
+    }
+    let cosine = NoiseSchedule::new(Schedule::cosine(), 200).unwrap();
+    let f = |t: f64| {
+        ((t / 200.0 + 0.008) / 1.008 * std::f64::consts::FRAC_PI_2)
+            .cos()
+            .powi(2)
+    };
+    for t in 1..200 {
+        let want = f(t as f64) / f(0.0);
+        let got = cosine.alpha_bar(t).unwrap();
+        assert!(
+            (got - want).abs() < 1e-9 * want.max(1e-12),
+            "t = {t}: {got} vs {want}"
+        );
+    }
+    assert!((cosine.beta(200).unwrap() - 0.999).abs() < 1e-15);
 }
 
 /// W3 (4,000 steps, as the benchmark, W3 v2's schedule: ᾱ_T ≈ 3e-5, so x_T ~ N(0, I) is
