@@ -40,6 +40,13 @@ fn main() -> ExitCode {
         Some("lab") => setup(&root, true).and_then(|_| lab(&root)),
         Some("run") => setup(&root, true).and_then(|_| run(&root, &args[1..])),
         Some("export") => setup(&root, true).and_then(|_| export(&root, &args[1..])),
+        Some("test") if args.get(1).map(String::as_str) == Some("--full") => {
+            setup(&root, true).and_then(|_| full(&root))
+        }
+        Some("test") if args.len() > 1 => Err(format!(
+            "`cargo xtask test` takes no arguments but `--full` (got `{}`)",
+            args[1..].join(" ")
+        )),
         Some("test") => test(&root),
         Some("browser-test") => setup(&root, true).and_then(|_| browser_test(&root)),
         Some("bench") => bench(&root, &args[1..]),
@@ -70,6 +77,8 @@ const USAGE: &str = "usage: cargo xtask <command>
                                           exports/notes/ (runs those not run since a change)
   test                                    cargo test (also the portable build, and Miri on the
                                           engine), then every notebook with smoke parameters
+  test --full                             every chapter at its defaults (what a learner runs),
+                                          strict: every demonstration must hold (not in CI)
   browser-test                            01_bayes run through JupyterLab in headless Chromium
                                           (part of `test`)
   bench --reference DIR [--workloads W,..] [--rounds N] [--steps-scale X] [--install]
@@ -863,6 +872,23 @@ const ROBUSTNESS: [(&str, &[&str]); 10] = [
     ),
     ("05_diffusion", &["seed=2", "n_samples=30", "toy_iters=300"]),
 ];
+
+/// `cargo xtask test --full`: every chapter at its default parameters, strict, into
+/// `target/full-tests/`: the runs a learner makes, with every demonstration held to its claim
+/// (the test command runs the chapters at their smoke values). Several minutes; not in CI.
+fn full(root: &Path) -> Result<()> {
+    std::env::set_var("GENLAB_STRICT", "1");
+    let clock = Instant::now();
+    let chapters = notebooks_in(&root.join("notebooks"));
+    let extra = ["--strict", "--export-root", "target/full-tests"].map(String::from);
+    nbrun(root, &chapters, &extra)?;
+    println!(
+        "[test --full] {} chapters at their defaults, strict: {:.1} s",
+        chapters.len(),
+        clock.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
 
 /// The robustness runs: [`ROBUSTNESS`], lenient, into `target/robustness/<n>/`.
 fn robustness(root: &Path) -> Result<()> {
