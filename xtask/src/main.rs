@@ -739,7 +739,7 @@ fn cargo_tests(root: &Path, run: &mut Runner) -> Result<()> {
     run.run(&mut cmd)?;
     println!("[test] cargo test: passed at {:.1} s", run.elapsed());
     // The build a learner on an ARM laptop gets: every x86-64 kernel compiled out. The same
-    // tests, less the four that train many or large models (minutes each on the portable
+    // tests, less the five that train many or large models (minutes each on the portable
     // kernel; the gradient checks against dfdx cover its arithmetic, and the cheaper tests of
     // the same models, e.g. the samplers' oracle and the GAN's steps, run here too).
     let mut cmd = run.command("cargo");
@@ -760,6 +760,8 @@ fn cargo_tests(root: &Path, run: &mut Runner) -> Result<()> {
         "the_plain_gan_covers_the_ring_at_w2_settings",
         "--skip",
         "gan_digits_have_fewer_grey_pixels_than_vae_means",
+        "--skip",
+        "the_minimax_gan_learns_the_ring",
     ])
     .current_dir(root);
     run.run(&mut cmd)?;
