@@ -876,19 +876,21 @@ impl Ddpm {
         Ok(())
     }
 
-    /// The mean ε-prediction loss at one fixed t over `n` draws of (x_0, ε) from `x0s` (rows of
-    /// `dim`), without training: E‖ε − ε_θ(x_t, t)‖² per element.
-    pub fn loss_at(&mut self, x0s: &[f32], t: usize, n: usize, seed: u64) -> Result<f64> {
+    /// Fills the denoiser's input rows [x_t, emb(t)] and their noise: row k takes x_0 = row
+    /// k mod (rows of `x0s`), draws ε (d values, in order from `rng`) into `eps`, and writes
+    /// x_t = √ᾱ_t x_0 + √(1 − ᾱ_t) ε.
+    fn fill_noised(
+        &self,
+        x0s: &[f32],
+        t: usize,
+        rng: &mut StdRng,
+        input: &mut [f32],
+        eps: &mut [f32],
+    ) {
         let (d, e) = (self.dim, self.config.embedding);
-        check_rows("loss_at (x0s)", x0s, d)?;
-        self.schedule.index(t)?;
-        ensure(n >= 1, "n", n, "use at least one draw, e.g. 1000")?;
         let rows = x0s.len() / d;
-        let mut rng = StdRng::seed_from_u64(seed);
         let ab = self.schedule.alpha_bars[t - 1];
         let (a, s) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
-        let mut input = vec![0.0f32; n * (d + e)];
-        let mut eps = vec![0.0f32; n * d];
         for (k, (row, ep)) in input
             .chunks_exact_mut(d + e)
             .zip(eps.chunks_exact_mut(d))
@@ -896,11 +898,24 @@ impl Ddpm {
         {
             let x0 = &x0s[(k % rows) * d..(k % rows + 1) * d];
             for j in 0..d {
-                ep[j] = StandardNormal.sample(&mut rng);
+                ep[j] = StandardNormal.sample(rng);
                 row[j] = a * x0[j] + s * ep[j];
             }
             row[d..].copy_from_slice(&self.embeddings[(t - 1) * e..t * e]);
         }
+    }
+
+    /// The mean ε-prediction loss at one fixed t over `n` draws of (x_0, ε) from `x0s` (rows of
+    /// `dim`), without training: E‖ε − ε_θ(x_t, t)‖² per element.
+    pub fn loss_at(&mut self, x0s: &[f32], t: usize, n: usize, seed: u64) -> Result<f64> {
+        let (d, e) = (self.dim, self.config.embedding);
+        check_rows("loss_at (x0s)", x0s, d)?;
+        self.schedule.index(t)?;
+        ensure(n >= 1, "n", n, "use at least one draw, e.g. 1000")?;
+        let mut rng = StdRng::seed_from_u64(seed);
+        let mut input = vec![0.0f32; n * (d + e)];
+        let mut eps = vec![0.0f32; n * d];
+        self.fill_noised(x0s, t, &mut rng, &mut input, &mut eps);
         let out = self.denoiser.infer(&team_for(n), &input)?;
         let sum: f64 = out
             .iter()
@@ -950,19 +965,7 @@ impl Ddpm {
                 self.schedule.alphas[t - 1],
                 self.schedule.alpha_bars[t - 1],
             );
-            let (a, s) = (ab.sqrt() as f32, (1.0 - ab).sqrt() as f32);
-            for (k, (row, ep)) in input
-                .chunks_exact_mut(d + e)
-                .zip(eps.chunks_exact_mut(d))
-                .enumerate()
-            {
-                let x0 = &x0s[(k % rows) * d..(k % rows + 1) * d];
-                for j in 0..d {
-                    ep[j] = StandardNormal.sample(&mut rng);
-                    row[j] = a * x0[j] + s * ep[j];
-                }
-                row[d..].copy_from_slice(&self.embeddings[(t - 1) * e..t * e]);
-            }
+            self.fill_noised(x0s, t, &mut rng, &mut input, &mut eps);
             let eps_hat = self.denoiser.predict(&team, &input)?;
             let term = if t == 1 {
                 // L_0: the mean μ_θ(x_1, 1) and σ_1 = √β_1, scored on x_0's level.
@@ -1047,6 +1050,12 @@ impl Ddpm {
         keep: &[usize],
         clip_each_step: bool,
     ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+        let (chain, mut network) = self.sampler(n);
+        chain.ancestral(n, seed, keep, clip_each_step, &mut network)
+    }
+
+    /// The chain the samplers run and the network that predicts its noise, for `rows` rows.
+    fn sampler(&mut self, rows: usize) -> (Chain<'_>, Network<'_>) {
         let chain = Chain {
             schedule: &self.schedule,
             d: self.dim,
@@ -1054,11 +1063,11 @@ impl Ddpm {
             embeddings: &self.embeddings,
             clip: self.config.clip,
         };
-        let mut network = Network {
+        let network = Network {
             denoiser: &mut self.denoiser,
-            team: team_for(n),
+            team: team_for(rows),
         };
-        chain.ancestral(n, seed, keep, clip_each_step, &mut network)
+        (chain, network)
     }
 
     /// `n` samples by deterministic DDIM (η = 0) in `steps` steps τ_S > … > τ_1 evenly spread
@@ -1133,17 +1142,8 @@ impl Ddpm {
         steps: usize,
         clip_each_step: bool,
     ) -> Result<Vec<f32>> {
-        let chain = Chain {
-            schedule: &self.schedule,
-            d: self.dim,
-            e: self.config.embedding,
-            embeddings: &self.embeddings,
-            clip: self.config.clip,
-        };
-        let mut network = Network {
-            denoiser: &mut self.denoiser,
-            team: team_for(x_t.len() / self.dim.max(1)),
-        };
+        let rows = x_t.len() / self.dim.max(1);
+        let (chain, mut network) = self.sampler(rows);
         chain.ddim(x_t, steps, clip_each_step, &mut network)
     }
 
@@ -1463,7 +1463,24 @@ struct Chain<'a> {
     clip: Option<f32>,
 }
 
-impl Chain<'_> {
+impl<'a> Chain<'a> {
+    /// The chain of an oracle sampler: no time embedding, no clipping.
+    fn bare(schedule: &'a NoiseSchedule, dim: usize) -> Result<Chain<'a>> {
+        ensure(
+            dim >= 1,
+            "dim",
+            dim,
+            "each example needs at least one value",
+        )?;
+        Ok(Chain {
+            schedule,
+            d: dim,
+            e: 0,
+            embeddings: &[],
+            clip: None,
+        })
+    }
+
     /// DDPM's ancestral sampling (see [`Ddpm::sample`], [`Ddpm::sample_clipping`],
     /// [`Ddpm::sample_trajectory`]).
     fn ancestral(
@@ -1616,19 +1633,7 @@ pub fn sample_ddpm_with(
     seed: u64,
     predict: impl FnMut(&[f32], usize) -> Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
-    ensure(
-        dim >= 1,
-        "dim",
-        dim,
-        "each example needs at least one value",
-    )?;
-    let chain = Chain {
-        schedule,
-        d: dim,
-        e: 0,
-        embeddings: &[],
-        clip: None,
-    };
+    let chain = Chain::bare(schedule, dim)?;
     let mut predict = Function {
         f: predict,
         out: vec![],
@@ -1645,19 +1650,7 @@ pub fn sample_ddim_with(
     steps: usize,
     predict: impl FnMut(&[f32], usize) -> Result<Vec<f32>>,
 ) -> Result<Vec<f32>> {
-    ensure(
-        dim >= 1,
-        "dim",
-        dim,
-        "each example needs at least one value",
-    )?;
-    let chain = Chain {
-        schedule,
-        d: dim,
-        e: 0,
-        embeddings: &[],
-        clip: None,
-    };
+    let chain = Chain::bare(schedule, dim)?;
     let mut predict = Function {
         f: predict,
         out: vec![],

@@ -1565,9 +1565,11 @@ mod tests {
         assert!(ring_metrics(&[1.0]).is_err());
     }
 
-    /// The D step's gradient equals finite differences of L_D with respect to D's parameters,
-    /// and the G step's ∂/∂θ_G (through a frozen D and the sigmoid output) equals finite
-    /// differences of the G loss, for both losses and a pack of 2.
+    /// The G step's ∂/∂θ_G (through a frozen D and the sigmoid output), rebuilt here from the
+    /// engine's passes as `g_step` chains them, equals finite differences of the G loss, for
+    /// both losses and a pack of 2. (`g_step` itself is checked through its effect in
+    /// `tests/gan.rs`: generator steps raise D(G(z)) for both losses; no test here checks the D
+    /// step's gradient by finite differences.)
     #[test]
     fn generator_gradient_matches_finite_differences() {
         for (loss, output, pack) in [
