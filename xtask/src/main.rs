@@ -690,13 +690,23 @@ fn test(root: &Path) -> Result<()> {
     let logs = root.join("target/test-logs");
     let mut lanes = vec![];
     let miri_root = root.to_path_buf();
-    let foreground = Lane::start("miri", logs.join("miri.log"), move |run| {
-        miri(&miri_root, run)
+    // The ARM step runs in Miri's lane once Miri is done (Miri ends minutes before the
+    // cargo-test lane does), after the foreground has installed the aarch64 target and tools.
+    let (arm_ready, arm_wait) = std::sync::mpsc::channel::<bool>();
+    let foreground = Lane::start("miri, then aarch64", logs.join("miri.log"), move |run| {
+        let miri_result = miri(&miri_root, run);
+        let arm_result = match arm_wait.recv() {
+            Ok(true) => arm_tests(&miri_root, run),
+            _ => Err("the aarch64 target or its tools were not installed (see above)".into()),
+        };
+        miri_result.and(arm_result)
     })
     .and_then(|miri| {
         lanes.push(miri);
         setup(root, false)?;
-        setup_arm()
+        let arm = setup_arm();
+        let _ = arm_ready.send(arm.is_ok());
+        arm
     })
     .and_then(|_| {
         let cargo_root = root.to_path_buf();
@@ -769,18 +779,35 @@ fn cargo_tests(root: &Path, run: &mut Runner) -> Result<()> {
         "[test] cargo test --features portable: passed at {:.1} s",
         run.elapsed()
     );
-    // The build an ARM laptop compiles (aarch64: the portable kernel, no x86 code at all):
-    // every test compiles for it, and the kernels' and the engine's tests (the code that differs
-    // between targets) run under qemu's user-mode emulation.
+    Ok(())
+}
+
+/// The build an ARM laptop compiles (aarch64: the portable kernel, no x86 code at all):
+/// every test compiles for it, and the kernels' and the engine's tests (the code that differs
+/// between targets) run under qemu's user-mode emulation. At opt-level 1 for genlab (the
+/// test profile's 3 would only slow the compile of binaries that mostly do not run). In its
+/// own target folder, `target/arm`, so that it never waits for the cargo-test lane's lock on
+/// `target/`.
+fn arm_tests(root: &Path, run: &mut Runner) -> Result<()> {
+    let opt = "profile.test.package.genlab.opt-level=1";
+    let dir = root.join("target/arm");
     let mut cmd = run.command("cargo");
-    cmd.args(["test", "-p", "genlab", "--target", ARM_TARGET])
-        .args(["--lib", "--tests", "--no-run"])
-        .current_dir(root);
+    cmd.args([
+        "test", "-p", "genlab", "--target", ARM_TARGET, "--config", opt,
+    ])
+    .arg("--target-dir")
+    .arg(&dir)
+    .args(["--lib", "--tests", "--no-run"])
+    .current_dir(root);
     run.run(&mut cmd)?;
     let mut cmd = run.command("cargo");
-    cmd.args(["test", "-p", "genlab", "--target", ARM_TARGET, "--lib"])
-        .args(["--", "kernels::", "mlp::"])
-        .current_dir(root);
+    cmd.args([
+        "test", "-p", "genlab", "--target", ARM_TARGET, "--config", opt, "--lib",
+    ])
+    .arg("--target-dir")
+    .arg(&dir)
+    .args(["--", "kernels::", "mlp::"])
+    .current_dir(root);
     run.run(&mut cmd)?;
     println!(
         "[test] aarch64: every test compiles, the kernels' and the engine's tests pass under qemu, at {:.1} s",
