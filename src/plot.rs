@@ -770,10 +770,14 @@ impl Figure {
             .y_label_area_size(65)
             .build_cartesian_2d(x0..x1, y0..y1)
             .map_err(plot_err)?;
+        let x_ticks = |v: &f64| tick_label(*v, x0, x1);
+        let y_ticks = |v: &f64| tick_label(*v, y0, y1);
         chart
             .configure_mesh()
             .light_line_style(WHITE)
             .bold_line_style(GRID)
+            .x_label_formatter(&x_ticks)
+            .y_label_formatter(&y_ticks)
             .x_desc(self.x_label.as_str())
             .y_desc(self.y_label.as_str())
             .label_style((font, 14))
@@ -1070,6 +1074,36 @@ impl Png {
     }
 }
 
+/// A tick's label on an axis from `lo` to `hi`: as many decimals as the ticks' spacing needs
+/// (about a tenth of the range, the spacing plotters' ticks have), so that iterations and counts
+/// read `5000`, not `5000.0`, and every tick of one axis has the same number of decimals;
+/// scientific notation where the numbers are very large or the range very small.
+pub fn tick_label(v: f64, lo: f64, hi: f64) -> String {
+    let span = (hi - lo).abs();
+    let biggest = lo.abs().max(hi.abs());
+    if !v.is_finite() || !span.is_finite() || span == 0.0 {
+        return format!("{v}");
+    }
+    if biggest >= 1e6 || span < 1e-4 {
+        return format!("{v:.2e}");
+    }
+    // Decimals that show the spacing (0 for a spacing ≥ 1, 1 for 0.1 to 1, …), more only where
+    // the tick itself needs them (0.25 on an axis whose other ticks are 0.5 apart).
+    let base = (-(span / 10.0).log10().floor()).max(0.0) as usize;
+    let v = if v.abs() < 1e-12 * biggest.max(1.0) {
+        0.0
+    } else {
+        v
+    };
+    let decimals = (base..=base + 4)
+        .find(|&d| {
+            let unit = 10f64.powi(d as i32);
+            ((v * unit).round() / unit - v).abs() <= 1e-9 * span
+        })
+        .unwrap_or(base + 4);
+    format!("{v:.decimals$}")
+}
+
 /// Shows why a figure could not be drawn, on stderr (where notebook tests look for errors) and
 /// as the cell's result, and records it for the notebook runner ([`FIGURE_ERRORS`]).
 fn display_error(e: &Error) {
@@ -1172,6 +1206,23 @@ fn histogram_bins(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tick_labels_have_the_decimals_the_axis_needs() {
+        // Iterations and counts: integers.
+        assert_eq!(tick_label(5000.0, 0.0, 5000.0), "5000");
+        assert_eq!(tick_label(10.0, 0.0, 12.0), "10");
+        // A range of a few units: one decimal on every tick, 0 as "0.0".
+        assert_eq!(tick_label(1.0, -3.0, 3.0), "1.0");
+        assert_eq!(tick_label(-0.5, -3.0, 3.0), "-0.5");
+        assert_eq!(tick_label(1e-17, -3.0, 3.0), "0.0");
+        // A tick that needs more than the spacing's decimals keeps them.
+        assert_eq!(tick_label(0.25, 0.0, 3.0), "0.25");
+        assert_eq!(tick_label(0.02, 0.0, 0.1), "0.02");
+        // Huge numbers and tiny ranges: scientific.
+        assert_eq!(tick_label(2.5e7, 0.0, 3e7), "2.50e7");
+        assert_eq!(tick_label(1.00001, 1.0, 1.00002), "1.00e0");
+    }
 
     #[test]
     fn histogram_bins_count_known_values() {
