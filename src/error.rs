@@ -169,13 +169,38 @@ pub fn check(ok: bool, what: impl Into<String>) -> Result<()> {
 /// The first words of the note [`demo`] prints (the test runner counts the notes by them).
 pub const DEMO_NOTE: &str = "⚠ 演示没有成立 (demonstration did not hold)";
 
-/// Strict mode: the environment variable `GENLAB_STRICT` is set to anything but `""` or `"0"`.
+/// Strict mode: the environment variable `GENLAB_STRICT` is set to anything but `""` or `"0"`
+/// (or the runner's file says so, see [`runner_setting`]).
 /// `cargo xtask test` (and `cargo xtask run --strict`) set it; a learner can set it for a
 /// session with `GENLAB_STRICT=1 cargo xtask lab`. Read at every call, from the environment
 /// (one per process: a `static` would not do, as evcxr links a fresh copy of the crate into
 /// every cell).
 pub fn strict() -> bool {
-    std::env::var_os("GENLAB_STRICT").is_some_and(|v| !v.is_empty() && v != "0")
+    let on = |v: &str| !v.is_empty() && v != "0";
+    match runner_setting("strict") {
+        Some(v) => on(&v),
+        None => std::env::var("GENLAB_STRICT").is_ok_and(|v| on(&v)),
+    }
+}
+
+/// A setting of the notebook runner's file: when the environment variable
+/// `GENLAB_RUNNER_FILE` names a file (the runner sets it when it starts a kernel), its line
+/// `key=value` overrides the environment variable of the same meaning (`strict` for
+/// `GENLAB_STRICT`, `export_dir` for `GENLAB_EXPORT_DIR`). The runner rewrites the file
+/// between two runs of a notebook in one kernel (a learner's edit, run again), which the
+/// environment of a running kernel cannot be without `unsafe` (`std::env::set_var`). Read at
+/// every call; `None` without the variable, the file or the key.
+pub fn runner_setting(key: &str) -> Option<String> {
+    let path = std::env::var_os("GENLAB_RUNNER_FILE")?;
+    setting_in(&std::fs::read_to_string(path).ok()?, key)
+}
+
+/// The value of the first `key=value` line of `text` whose key is `key`.
+fn setting_in(text: &str, key: &str) -> Option<String> {
+    text.lines().find_map(|line| {
+        let (k, v) = line.split_once('=')?;
+        (k.trim() == key).then(|| v.trim().to_string())
+    })
 }
 
 /// A **demonstration** a chapter checks: a claim true at the chapter's defaults and smoke
@@ -251,6 +276,18 @@ mod tests {
         assert!(out.is_empty());
         assert!(matches!(&err, Error::Demonstration { what: w, why } if w == what && why == "why"));
         assert!(err.to_string().contains("GENLAB_STRICT=1"));
+    }
+
+    #[test]
+    fn the_runner_file_is_read_line_by_line() {
+        let text = "export_dir=/tmp/a=b/01_bayes\nstrict = 0\n";
+        assert_eq!(
+            setting_in(text, "export_dir").as_deref(),
+            Some("/tmp/a=b/01_bayes")
+        );
+        assert_eq!(setting_in(text, "strict").as_deref(), Some("0"));
+        assert_eq!(setting_in(text, "export"), None);
+        assert_eq!(setting_in("", "strict"), None);
     }
 
     #[test]

@@ -1141,11 +1141,13 @@ fn record_figure_error(message: &str) {
 /// auto-exported file stem), read by `cargo xtask export` to name the figure's files.
 pub const FIGURE_MIME: &str = "application/vnd.genlab.figure+json";
 
-/// Where [`Figure::export`] writes: `$GENLAB_EXPORT_DIR` when set (the notebook runner sets it
-/// to `exports/<notebook>/`), else `exports/` under the current folder.
+/// Where [`Figure::export`] writes: the runner file's `export_dir` when there is one
+/// ([`crate::error::runner_setting`]), else `$GENLAB_EXPORT_DIR` when set (the notebook runner
+/// points either at `exports/<notebook>/`), else `exports/` under the current folder.
 pub fn export_dir() -> PathBuf {
-    std::env::var_os("GENLAB_EXPORT_DIR")
+    crate::error::runner_setting("export_dir")
         .map(PathBuf::from)
+        .or_else(|| std::env::var_os("GENLAB_EXPORT_DIR").map(PathBuf::from))
         .unwrap_or_else(|| PathBuf::from("exports"))
 }
 

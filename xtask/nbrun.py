@@ -374,74 +374,58 @@ def demo_notes(cell):
     return notes
 
 
-def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False, strict=None):
-    """Executes one notebook; returns (passed, wall seconds, per-cell records).
+def run_cells(runner, nb, out_dir, keep_going):
+    """Runs every code cell of `nb` in the runner's kernel; returns (records, failures)."""
+    records, failures = [], []
+    last = None
+    figure_errors_seen = 0
+    for index, cell in enumerate(nb.cells):
+        if cell.cell_type != "code":
+            continue
+        expects_error = RAISES in cell.get("metadata", {}).get("tags", [])
+        t0 = time.perf_counter()
+        crashed = None
+        try:
+            probe = runner.run(cell, index)
+        except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
+            crashed = ANSI.sub("", str(e)) or type(e).__name__
+            probe = {"ran_to_end": False, "error_at_idle": True, "probe_seconds": 0.0}
+        seconds = time.perf_counter() - t0
+        last = (cell, index)
+        first = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
+        text = error_text(cell)
+        why = crashed or verdict(cell, probe["ran_to_end"])
+        figure_errors, figure_errors_seen = new_figure_errors(out_dir, figure_errors_seen)
+        if figure_errors and not why:
+            why = f"a figure of this cell could not be drawn or exported:\n{figure_errors}"
+        mark = "raised as expected" if expects_error and not why else ""
+        notes = demo_notes(cell)
+        records.append({"cell": index, "seconds": round(seconds, 3), "first_line": first,
+                        "ran_to_end": probe["ran_to_end"], "error_at_idle": probe["error_at_idle"],
+                        "probe_seconds": probe["probe_seconds"],
+                        "expects_error": expects_error, "failed": bool(why), "notes": notes})
+        print(f"   cell {index:>3}  {seconds:7.2f} s  {first}" + (f"  [{mark}]" if mark else ""),
+              flush=True)
+        for note in notes:
+            print(f"            {note}", flush=True)
+        if why:
+            failures.append((index, cell.source, why if why == text else f"{why}\n{text}".strip()))
+            if not keep_going or crashed:
+                break
+    if not failures and last is not None:
+        runner.drain(*last, seconds=0.3)
+    return records, failures
 
-    Stops at the first failing cell, unless `keep_going` (the failure check uses it). `strict`:
-    True or False sets GENLAB_STRICT for the kernel (a demonstration that does not hold is then
-    an error, or a note); None leaves the environment's setting."""
-    nb = nbformat.read(path, as_version=4)
-    applied = inject(nb, overrides, path)
-    required = nb.metadata.get("genlab", {}).get("require_stdout")
-    out_dir = export_root / path.stem
+
+def fresh_dir(out_dir):
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
-    os.environ["GENLAB_EXPORT_DIR"] = str(out_dir.resolve())
-    os.environ["GENLAB_AUTO_EXPORT"] = "1"
-    if strict is not None:
-        os.environ["GENLAB_STRICT"] = "1" if strict else "0"
-    mode = "strict" if os.environ.get("GENLAB_STRICT", "") not in ("", "0") else "lenient"
-    shown = ", ".join(f"{k}={v}" for k, v in applied.items())
-    print(f"== {path} ({mode}" + (f"; parameters: {shown})" if shown else ")"), flush=True)
 
-    client = NotebookClient(nb, kernel_name=kernel, timeout=timeout, startup_timeout=120,
-                            allow_errors=True, resources={"metadata": {"path": str(path.parent.resolve())}})
-    records, failures = [], []
-    start = time.perf_counter()
-    try:
-        with client.setup_kernel():
-            runner = CellRunner(client)
-            last = None
-            figure_errors_seen = 0
-            for index, cell in enumerate(nb.cells):
-                if cell.cell_type != "code":
-                    continue
-                expects_error = RAISES in cell.get("metadata", {}).get("tags", [])
-                t0 = time.perf_counter()
-                crashed = None
-                try:
-                    probe = runner.run(cell, index)
-                except (CellExecutionError, CellTimeoutError, DeadKernelError) as e:
-                    crashed = ANSI.sub("", str(e)) or type(e).__name__
-                    probe = {"ran_to_end": False, "error_at_idle": True, "probe_seconds": 0.0}
-                seconds = time.perf_counter() - t0
-                last = (cell, index)
-                first = cell.source.strip().splitlines()[0][:60] if cell.source.strip() else ""
-                text = error_text(cell)
-                why = crashed or verdict(cell, probe["ran_to_end"])
-                figure_errors, figure_errors_seen = new_figure_errors(out_dir, figure_errors_seen)
-                if figure_errors and not why:
-                    why = f"a figure of this cell could not be drawn or exported:\n{figure_errors}"
-                mark = "raised as expected" if expects_error and not why else ""
-                notes = demo_notes(cell)
-                records.append({"cell": index, "seconds": round(seconds, 3), "first_line": first,
-                                "ran_to_end": probe["ran_to_end"], "error_at_idle": probe["error_at_idle"],
-                                "probe_seconds": probe["probe_seconds"],
-                                "expects_error": expects_error, "failed": bool(why), "notes": notes})
-                print(f"   cell {index:>3}  {seconds:7.2f} s  {first}" + (f"  [{mark}]" if mark else ""),
-                      flush=True)
-                for note in notes:
-                    print(f"            {note}", flush=True)
-                if why:
-                    failures.append((index, cell.source, why if why == text else f"{why}\n{text}".strip()))
-                    if not keep_going or crashed:
-                        break
-            if not failures and last is not None:
-                runner.drain(*last, seconds=0.3)
-    except (DeadKernelError, RuntimeError) as e:
-        failures.append((None, "", f"the kernel failed: {e}"))
-    wall = time.perf_counter() - start
+
+def finish(path, nb, out_dir, records, failures, wall, applied, mode, keep_going):
+    """Checks the pass line, writes the executed copy and timings.json, reports; True if passed."""
+    required = nb.metadata.get("genlab", {}).get("require_stdout")
     if not failures and required and required not in stdout_text(nb.cells):
         failures.append((None, "", f"the notebook never printed its pass line `{required}` "
                                    "(metadata genlab.require_stdout) on stdout"))
@@ -464,11 +448,78 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
             if source:
                 print("---- cell source ----\n" + source, file=sys.stderr)
             print("---- error ----\n" + text, file=sys.stderr)
-        return False, wall, records
+        return False
     noted = sum(len(r["notes"]) for r in records)
     print(f"ok     {path.name}: {wall:.1f} s, {len(figures)} figure files in {out_dir}"
           + (f", {noted} demonstration(s) did not hold (noted above)" if noted else ""), flush=True)
-    return True, wall, records
+    return True
+
+
+def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False, strict=None,
+                 edits=()):
+    """Executes one notebook; returns (passed, wall seconds, per-cell records).
+
+    Stops at the first failing cell, unless `keep_going` (the failure check uses it). `strict`:
+    True or False sets GENLAB_STRICT for the kernel (a demonstration that does not hold is then
+    an error, or a note); None leaves the environment's setting.
+
+    `edits`: (overrides, export root) pairs run after it in the same kernel, as a learner edits
+    the parameters and runs all cells again: each a fresh copy of the notebook with those
+    overrides, in lenient mode, exported to `<its export root>/<notebook>/`. Each must pass too.
+    The kernel finds its export folder and mode in the runner's file (GENLAB_RUNNER_FILE, read
+    by `genlab::error::runner_setting` at every call), which is rewritten before each edit."""
+    nb = nbformat.read(path, as_version=4)
+    applied = inject(nb, overrides, path)
+    out_dir = export_root / path.stem
+    fresh_dir(out_dir)
+    os.environ["GENLAB_EXPORT_DIR"] = str(out_dir.resolve())
+    os.environ["GENLAB_AUTO_EXPORT"] = "1"
+    if strict is not None:
+        os.environ["GENLAB_STRICT"] = "1" if strict else "0"
+    mode = "strict" if os.environ.get("GENLAB_STRICT", "") not in ("", "0") else "lenient"
+    runner_file = (export_root / f".genlab-runner-{path.stem}").resolve()
+    os.environ["GENLAB_RUNNER_FILE"] = str(runner_file)
+
+    def settings(folder, strict_mode):
+        runner_file.write_text(f"export_dir={folder.resolve()}\nstrict={int(strict_mode)}\n")
+
+    settings(out_dir, mode == "strict")
+    shown = ", ".join(f"{k}={v}" for k, v in applied.items())
+    print(f"== {path} ({mode}" + (f"; parameters: {shown})" if shown else ")"), flush=True)
+
+    client = NotebookClient(nb, kernel_name=kernel, timeout=timeout, startup_timeout=120,
+                            allow_errors=True, resources={"metadata": {"path": str(path.parent.resolve())}})
+    records, failures = [], []
+    start = time.perf_counter()
+    passed = True
+    try:
+        with client.setup_kernel():
+            runner = CellRunner(client)
+            records, failures = run_cells(runner, nb, out_dir, keep_going)
+            wall = time.perf_counter() - start
+            passed = finish(path, nb, out_dir, records, failures, wall, applied, mode, keep_going)
+            for edit, edit_root in edits if passed else ():
+                edit_nb = nbformat.read(path, as_version=4)
+                edit_applied = inject(edit_nb, edit, path)
+                edit_dir = edit_root / path.stem
+                fresh_dir(edit_dir)
+                shown = ", ".join(f"{k}={v}" for k, v in edit_applied.items())
+                print(f"== {path} again in the same kernel (lenient; parameters: {shown})", flush=True)
+                t0 = time.perf_counter()
+                settings(edit_dir, False)
+                client.nb = edit_nb
+                edit_records, failures = run_cells(runner, edit_nb, edit_dir, keep_going)
+                ok = finish(path, edit_nb, edit_dir, edit_records, failures, time.perf_counter() - t0,
+                            edit_applied, "lenient", keep_going)
+                passed = passed and ok
+                if not ok:
+                    break
+    except (DeadKernelError, RuntimeError) as e:
+        failures.append((None, "", f"the kernel failed: {e}"))
+        wall = time.perf_counter() - start
+        finish(path, nb, out_dir, records, failures, wall, applied, mode, keep_going)
+        return False, wall, records
+    return passed, time.perf_counter() - start, records
 
 
 def main():
@@ -480,6 +531,11 @@ def main():
     p.add_argument("--kernel", default="genlab-rust")
     p.add_argument("--timeout", type=int, default=900,
                    help="seconds per cell (the slowest cell of a chapter at its defaults takes about a minute)")
+    p.add_argument("--edit", action="append", default=[], metavar="'NOTEBOOK NAME=VALUE ...'",
+                   help="after NOTEBOOK runs, run it again in the same kernel with these parameters "
+                        "(on top of its smoke parameters with --smoke), lenient, as a learner's edit; "
+                        "the n-th edit (from 0) exports to <edit-root>/<n>/")
+    p.add_argument("--edit-root", type=Path, default=Path("target/robustness"))
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--strict", dest="strict", action="store_true", default=None,
                       help="a demonstration that does not hold is an error (GENLAB_STRICT=1)")
@@ -506,7 +562,20 @@ def main():
             overrides = dict(nb.metadata.get("genlab", {}).get("smoke_parameters", {})) if args.smoke else {}
             overrides.update({k: v for k, v in cli.items() if k in declared})
             inject(nbformat.read(path, as_version=4), overrides, path)  # validates types and names
-            plans.append((path, overrides))
+            plans.append((path, overrides, []))
+        for n, edit in enumerate(args.edit):
+            name, *pairs = edit.split()
+            plan = next((pl for pl in plans if pl[0].stem == name), None)
+            if plan is None:
+                raise ParamError(f"--edit `{edit}`: no notebook `{name}` among those run here")
+            changes = dict(plan[1])
+            for pair in pairs:
+                if "=" not in pair:
+                    raise ParamError(f"--edit `{edit}`: `{pair}` is not NAME=VALUE")
+                key, value = pair.split("=", 1)
+                changes[key.strip()] = value.strip()
+            inject(nbformat.read(plan[0], as_version=4), changes, plan[0])
+            plan[2].append((changes, args.edit_root / str(n)))
         unknown = sorted(set(cli) - known)
         if unknown:
             raise ParamError(f"unknown parameter `{unknown[0]}` (value `{cli[unknown[0]]}`): "
@@ -516,9 +585,9 @@ def main():
         sys.exit(2)  # xtask reports exit status 2 as a bad parameter, before any cell ran
 
     passed = failed = 0
-    for path, overrides in plans:
+    for path, overrides, edits in plans:
         ok, _, _ = run_notebook(path, overrides, args.export_root, args.kernel, args.timeout,
-                                strict=args.strict)
+                                strict=args.strict, edits=edits)
         passed, failed = passed + ok, failed + (not ok)
     print(f"notebooks: {passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

@@ -151,10 +151,13 @@ class CommandLine(unittest.TestCase):
     def tearDown(self):
         self.dir.cleanup()
 
-    def run_cli(self, *params):
-        args = [sys.executable, str(NBRUN), "--export-root", str(self.exports), str(self.notebook)]
+    def run_cli(self, *params, edits=()):
+        args = [sys.executable, str(NBRUN), "--export-root", str(self.exports),
+                "--edit-root", str(self.exports / "edits"), str(self.notebook)]
         for p in params:
             args += ["--param", p]
+        for e in edits:
+            args += ["--edit", e]
         return subprocess.run(args, capture_output=True, text=True, timeout=600)
 
     def test_bad_values_exit_2_before_any_cell_runs(self):
@@ -177,17 +180,42 @@ class CommandLine(unittest.TestCase):
             self.assertEqual(r.returncode, 2, f"{param}: {r.stderr}")
             self.assertIn(message, r.stderr, param)
             self.assertFalse(self.exports.exists(), f"{param}: a cell ran")
+        # An edit's values are checked before any cell runs too.
+        for edit, message in [
+            ("typed count=2.5", "`count` is usize; `2.5` is not an integer"),
+            ("typed seeed=1", "unknown parameter `seeed`"),
+            ("typed seed", "is not NAME=VALUE"),
+            ("other seed=1", "no notebook `other`"),
+        ]:
+            r = self.run_cli(edits=[edit])
+            self.assertEqual(r.returncode, 2, f"{edit}: {r.stderr}")
+            self.assertIn(message, r.stderr, edit)
+            self.assertFalse(self.exports.exists(), f"{edit}: a cell ran")
 
     def test_good_values_run_with_their_types(self):
+        # Then, in the same kernel, two edits (on top of the --param values), each into its own
+        # folder: the kernel reads the runner's file, not the environment it started with.
         r = self.run_cli(
             "ratio=-3.4e38", "lr=2", "small=-128", "shift=-9223372036854775808",
-            "seed=18446744073709551615", "count=0", 'label=a "q" \\ 中文', "verbose=true")
+            "seed=18446744073709551615", "count=0", 'label=a "q" \\ 中文', "verbose=true",
+            edits=["typed count=3 verbose=false", "typed seed=7"])
         self.assertEqual(r.returncode, 0, r.stdout + r.stderr)
-        done = nbformat.read(self.exports / "typed" / "typed.ipynb", as_version=4)
-        shown = "".join(o.get("text", "") for o in done.cells[-1].outputs if o.output_type == "stream")
+
+        def shown(path):
+            done = nbformat.read(path, as_version=4)
+            return "".join(o.get("text", "") for o in done.cells[-1].outputs
+                           if o.output_type == "stream").strip()
         self.assertEqual(
-            shown.strip(),
+            shown(self.exports / "typed" / "typed.ipynb"),
             '-3.4e38 2.0 -128 -9223372036854775808 18446744073709551615 0 "a \\"q\\" \\\\ 中文" true (1, 2)')
+        self.assertEqual(
+            shown(self.exports / "edits" / "0" / "typed" / "typed.ipynb"),
+            '-3.4e38 2.0 -128 -9223372036854775808 18446744073709551615 3 "a \\"q\\" \\\\ 中文" false (1, 2)')
+        self.assertRegex(shown(self.exports / "edits" / "1" / "typed" / "typed.ipynb"), r"^\S+ \S+ -128 \S+ 7 0 ")
+        self.assertIn("again in the same kernel (lenient", r.stdout)
+        runner_file = (self.exports / ".genlab-runner-typed").read_text()
+        self.assertIn(f"export_dir={(self.exports / 'edits' / '1' / 'typed').resolve()}", runner_file)
+        self.assertIn("strict=0", runner_file)
 
 
 def executed(source, *outputs, tags=(), expect=None):

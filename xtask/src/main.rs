@@ -842,8 +842,23 @@ fn notebook_tests(root: &Path) -> Result<()> {
         "--export-root".to_string(),
         "target/notebook-tests".to_string(),
     ];
+    // Each chapter's robustness edits (lenient) run right after its strict smoke run, in the
+    // same kernel, as a learner edits the parameters cell and runs all cells again.
+    let mut extra = extra.to_vec();
+    for (notebook, params) in ROBUSTNESS.iter() {
+        extra.extend([
+            "--edit".to_string(),
+            format!("{notebook} {}", params.join(" ")),
+        ]);
+    }
+    extra.extend(["--edit-root", "target/robustness"].map(String::from));
+    let clock = Instant::now();
     nbrun(root, &notebooks, &extra)?;
-    robustness(root)?;
+    println!(
+        "[test] every notebook at its smoke values, strict, and {} edited chapters, lenient: {:.1} s",
+        ROBUSTNESS.len(),
+        clock.elapsed().as_secs_f64()
+    );
     // The chapters just run, exported as pages and built with `mkdocs build --strict` (every
     // image link checked); then 01_bayes again with a cell inserted: its figures keep their
     // file names.
@@ -866,7 +881,9 @@ fn notebook_tests(root: &Path) -> Result<()> {
 
 /// Edits a learner makes in the first hour, two per chapter, each at another seed (on top of
 /// the smoke values; 04's section 5 at 1,000 iterations and one or two seeds, where the smoke
-/// values run its defaults). Every one must run its chapter to the end in lenient mode; a
+/// values run its defaults), run after the chapter's strict run in the same kernel (the
+/// runner's `--edit`), into `target/robustness/<n>/`. Every one must run its chapter to the
+/// end in lenient mode; a
 /// demonstration that does not hold there prints its note (listed by the runner) instead of
 /// stopping the chapter. The first edit of 01, 02 (seed), 03 and 04 are the ones that stopped
 /// their chapters before demonstrations were told apart from identities.
@@ -932,30 +949,6 @@ fn full(root: &Path) -> Result<()> {
     println!(
         "[test --full] {} chapters at their defaults, strict: {:.1} s",
         chapters.len(),
-        clock.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-/// The robustness runs: [`ROBUSTNESS`], lenient, into `target/robustness/<n>/`.
-fn robustness(root: &Path) -> Result<()> {
-    let clock = Instant::now();
-    for (n, (notebook, params)) in ROBUSTNESS.iter().enumerate() {
-        let mut extra = vec![
-            "--smoke".to_string(),
-            "--lenient".to_string(),
-            "--export-root".to_string(),
-            format!("target/robustness/{n}"),
-        ];
-        for p in params.iter() {
-            extra.extend(["--param".to_string(), p.to_string()]);
-        }
-        nbrun(root, &[resolve_notebook(root, notebook)?], &extra)
-            .map_err(|e| format!("robustness run {n} ({notebook} {}): {e}", params.join(" ")))?;
-    }
-    println!(
-        "[test] robustness: {} edited chapters ran to their ends in {:.1} s",
-        ROBUSTNESS.len(),
         clock.elapsed().as_secs_f64()
     );
     Ok(())
