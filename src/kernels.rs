@@ -2106,9 +2106,10 @@ mod tests {
     #[test]
     fn adam_epilogue_equals_gradient_then_adam() {
         // 13 and 5 rows: a last tile of 5 (full kernel); 12: of 4 (the 4-row AVX-512 kernel).
-        let mut shapes = vec![(13, 40, 9), (8, 32, 3), (5, 16, 2), (12, 40, 5)];
+        // Under Miri the two shapes with a last tile of 5 and of 4 rows (and a column tail).
+        let mut shapes = vec![(13, 40, 9), (12, 40, 5)];
         if !cfg!(miri) {
-            shapes.extend([(30, 100, 20), (16, 64, 7)]);
+            shapes.extend([(8, 32, 3), (5, 16, 2), (30, 100, 20), (16, 64, 7)]);
         }
         for (m, n, k) in shapes {
             for kernel in kernels() {
@@ -2509,7 +2510,18 @@ mod tests {
     /// (whole panels of 16 rows, inputs a multiple of 8) and on the element-by-element one.
     #[test]
     fn transposed_packing_reports_values_that_are_not_finite() {
-        for (inp, rows) in [(8, 16), (24, 32), (5, 3), (8, 7)] {
+        // Under Miri without the largest shape, and with NaN and +∞ only (natively −∞ too).
+        let shapes: &[(usize, usize)] = if cfg!(miri) {
+            &[(8, 16), (5, 3), (8, 7)]
+        } else {
+            &[(8, 16), (24, 32), (5, 3), (8, 7)]
+        };
+        let bads: &[f32] = if cfg!(miri) {
+            &[f32::NAN, f32::INFINITY]
+        } else {
+            &[f32::NAN, f32::INFINITY, f32::NEG_INFINITY]
+        };
+        for &(inp, rows) in shapes {
             let w = values(inp * rows, 9);
             let mut fwd = vec![0.0; inp * panel_cols(rows)];
             // SAFETY (all calls): fwd has inp · panel_cols(rows) floats and rows 0..rows of
@@ -2517,7 +2529,7 @@ mod tests {
             let all = unsafe { pack_transposed_rows(&w, 0, inp, rows, fwd.as_mut_ptr()) };
             assert!(all, "{inp} × {rows}: finite values reported as not finite");
             for at in [0, inp * rows / 2 + 1, inp * rows - 1] {
-                for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+                for &bad in bads {
                     let mut w = w.clone();
                     w[at] = bad;
                     // SAFETY: as above.

@@ -428,11 +428,13 @@ fn ddpm_configs_are_ok_or_name_the_field() {
 /// largest valid value passes `validate`, one past it is an error naming its field.
 #[test]
 fn every_range_ends_where_the_oracle_puts_it() {
+    /// A field, a change that puts it at the end of its range, and one that puts it past.
+    type Edge<C> = (&'static str, Box<dyn Fn(&mut C)>, Box<dyn Fn(&mut C)>);
     fn check<C: Clone>(
         what: &str,
         base: &C,
         validate: impl Fn(&C) -> genlab::Result<()>,
-        edges: Vec<(&str, Box<dyn Fn(&mut C)>, Box<dyn Fn(&mut C)>)>,
+        edges: Vec<Edge<C>>,
     ) {
         validate(base).unwrap_or_else(|e| panic!("{what}'s default is valid: {e}"));
         for (field, at, past) in edges {
@@ -452,7 +454,6 @@ fn every_range_ends_where_the_oracle_puts_it() {
             }
         }
     }
-    type Edge<C> = (&'static str, Box<dyn Fn(&mut C)>, Box<dyn Fn(&mut C)>);
     fn edge<C>(
         field: &'static str,
         at: impl Fn(&mut C) + 'static,
