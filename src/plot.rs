@@ -132,7 +132,14 @@ fn has_chinese_glyphs(path: &Path) -> bool {
 /// included, so this runs once in every cell that draws. The font file is memory-mapped, not
 /// copied, so each registration costs address space only.
 fn ensure_font() -> Result<()> {
-    static REGISTERED: OnceLock<std::result::Result<(), String>> = OnceLock::new();
+    loaded_font().map(|_| ())
+}
+
+/// The figure font as registered with plotters: its file and its bytes (mapped once per copy of
+/// this crate, see [`ensure_font`]).
+fn loaded_font() -> Result<(&'static Path, &'static [u8])> {
+    type Loaded = std::result::Result<(&'static Path, &'static [u8]), String>;
+    static REGISTERED: OnceLock<Loaded> = OnceLock::new();
     REGISTERED
         .get_or_init(|| {
             let path = font_path().map_err(|e| e.to_string())?;
@@ -156,10 +163,68 @@ fn ensure_font() -> Result<()> {
                     )
                 })?;
             }
-            Ok(())
+            let path: &'static Path = Box::leak(path.into_boxed_path());
+            Ok((path, bytes))
         })
         .clone()
         .map_err(Error::Plot)
+}
+
+/// Characters WenQuanYi Micro Hei (the default figure font on Debian) maps to a defective
+/// glyph: its "½" has no 2 and reads as "⅟" in a figure.
+const DEFECTIVE_IN_WQY: &[char] = &['½'];
+
+/// The first character of `text` that the font has no glyph for (whitespace and control
+/// characters aside), or one in `defective`: the renderer would draw the font's "missing" box
+/// or a wrong sign in its place (wqy-microhei has no ᾱ, ₀ or ₙ, and a defective ½).
+fn missing_glyph(font: &impl ab_glyph::Font, defective: &[char], text: &str) -> Option<char> {
+    text.chars().find(|&c| {
+        !c.is_whitespace() && !c.is_control() && (font.glyph_id(c).0 == 0 || defective.contains(&c))
+    })
+}
+
+/// Every string a figure draws besides its tick labels: the title, the axis labels, the
+/// legend's series names and the image captions.
+fn figure_texts(figure: &Figure) -> Vec<&str> {
+    let mut texts = vec![
+        figure.title.as_str(),
+        figure.x_label.as_str(),
+        figure.y_label.as_str(),
+    ];
+    for layer in &figure.layers {
+        match layer {
+            Layer::Line { name, .. }
+            | Layer::Scatter { name, .. }
+            | Layer::Histogram { name, .. }
+            | Layer::HLine { name, .. }
+            | Layer::VLine { name, .. } => texts.push(name),
+            Layer::Heatmap { .. } => {}
+        }
+    }
+    if let Some(grid) = &figure.images {
+        texts.extend(grid.captions.iter().map(String::as_str));
+    }
+    texts
+}
+
+/// An error naming the first character of the figure's text that the font cannot draw.
+fn check_glyphs(figure: &Figure) -> Result<()> {
+    let (path, bytes) = loaded_font()?;
+    let font = ab_glyph::FontRef::try_from_slice(bytes).map_err(plot_err)?;
+    let wqy = path.to_string_lossy().contains("wqy-microhei");
+    let defective = if wqy { DEFECTIVE_IN_WQY } else { &[] };
+    for text in figure_texts(figure) {
+        if let Some(c) = missing_glyph(&font, defective, text) {
+            return Err(Error::Plot(format!(
+                "the figure font {} has no glyph for '{c}' (U+{:04X}) in \"{text}\", or a \
+                 defective one: it would draw a wrong sign there. Write it with characters the font has (e.g. 1/2 for ½), \
+                 or set GENLAB_FONT to a font that has it",
+                path.display(),
+                c as u32
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// One layer of a chart.
@@ -675,6 +740,7 @@ impl Figure {
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        check_glyphs(self)?;
         root.fill(&WHITE).map_err(plot_err)?;
         match &self.images {
             Some(grid) => self.draw_images(root, grid),

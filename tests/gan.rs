@@ -186,49 +186,6 @@ fn the_plain_gan_covers_the_ring_at_w2_settings() {
     assert!(modes >= 7, "seed 2: {modes} modes");
 }
 
-/// A discriminator that learns 5 times faster than the generator (d_lr = 1e-3, everything else
-/// W2) drops modes; PacGAN2 (D judges pairs of samples) under the same settings keeps them.
-/// Which seeds collapse depends on the last bits of the arithmetic (the AVX-512, AVX2 and
-/// portable kernels round differently), so the test looks at four seeds: the plain GAN must
-/// lose modes at two of them at least (W2's own settings lose none at seed 0, see above), and
-/// PacGAN2 must reach 7 of 8 at two seeds at least and cover more modes than the plain GAN in
-/// total.
-#[test]
-fn a_strong_discriminator_drops_modes_and_packing_recovers_them() {
-    let collapsing = GanConfig {
-        d_lr: 1e-3,
-        ..GanConfig::default()
-    };
-    let (mut plain, mut packed) = (vec![], vec![]);
-    for seed in 0..4 {
-        let (modes, hq) = ring_modes(GanConfig { seed, ..collapsing });
-        eprintln!("d_lr 1e-3, seed {seed}: {modes} modes, high quality {hq:.3}");
-        plain.push(modes);
-        let (modes, hq) = ring_modes(GanConfig {
-            seed,
-            pack: 2,
-            ..collapsing
-        });
-        eprintln!("d_lr 1e-3, PacGAN2, seed {seed}: {modes} modes, high quality {hq:.3}");
-        packed.push(modes);
-    }
-    let lost = plain.iter().filter(|&&m| m < 8).count();
-    assert!(
-        lost >= 2,
-        "the collapsing setting should lose modes: {plain:?}"
-    );
-    let recovered = packed.iter().filter(|&&m| m >= 7).count();
-    assert!(
-        recovered >= 2,
-        "PacGAN2 should reach 7 of 8 at two seeds: {packed:?}"
-    );
-    let (p, q): (usize, usize) = (plain.iter().sum(), packed.iter().sum());
-    assert!(
-        q > p,
-        "PacGAN2 should cover more modes in total: {packed:?} vs {plain:?}"
-    );
-}
-
 /// A few generator steps through the public `g_step`, with D trained a little first and then
 /// frozen, raise D(G(z)) on a fixed set of z for both losses: each pushes the fakes toward
 /// "real" (the minimax loss with a small gradient, which Adam rescales). A loss whose sign

@@ -480,10 +480,13 @@ def run_notebook(path, overrides, export_root, kernel, timeout, keep_going=False
     runner_file = (export_root / f".genlab-runner-{path.stem}").resolve()
     os.environ["GENLAB_RUNNER_FILE"] = str(runner_file)
 
-    def settings(folder, strict_mode):
-        runner_file.write_text(f"export_dir={folder.resolve()}\nstrict={int(strict_mode)}\n")
+    def settings(folder, strict_mode=None):
+        # The first run leaves the mode to the environment (a notebook may switch it there, as
+        # tests/notebooks/demonstrations.ipynb does); an edit's run sets it here.
+        mode_line = "" if strict_mode is None else f"strict={int(strict_mode)}\n"
+        runner_file.write_text(f"export_dir={folder.resolve()}\n" + mode_line)
 
-    settings(out_dir, mode == "strict")
+    settings(out_dir)
     shown = ", ".join(f"{k}={v}" for k, v in applied.items())
     print(f"== {path} ({mode}" + (f"; parameters: {shown})" if shown else ")"), flush=True)
 
